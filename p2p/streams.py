@@ -1,0 +1,122 @@
+"""Frames on async byte streams: libp2p streams, trio sockets, Unix sockets, in-memory pairs.
+
+The stream object only needs ``await read(n) -> bytes`` (b"" or an exception at end of stream),
+``await write(data)`` and ``await close()``. py-libp2p's ``read(n)`` may return fewer bytes than
+asked (design.md section 6), so reading always loops on the decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import trio
+
+from p2p.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, FrameError, encode_frame
+
+READ_CHUNK = 1 << 20
+
+
+class ByteStream(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+    async def write(self, data: bytes) -> Any: ...
+
+    async def close(self) -> Any: ...
+
+
+class StreamClosed(ConnectionError):
+    """The other side closed or reset the stream (or died) between frames."""
+
+
+class FramedStream:
+    """Send and receive :class:`Frame` objects over a byte stream, with deadlines.
+
+    ``recv`` raises :class:`StreamClosed` at a clean end between frames, :class:`FrameError` on a
+    malformed frame or an end in the middle of one, and ``trio.TooSlowError`` past its deadline.
+    Sends are serialised by a lock so several tasks may share one stream.
+    """
+
+    def __init__(self, raw: Any, *, max_frame: int = DEFAULT_MAX_FRAME, peer: str = "?") -> None:
+        self.raw = raw
+        self.peer = peer
+        self.max_frame = max_frame
+        self._decoder = FrameDecoder(max_frame)
+        self._send_lock = trio.Lock()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def send(self, msg_type: str, body: Any = None) -> None:
+        data = encode_frame(msg_type, body, max_size=self.max_frame)
+        await self.send_raw(data)
+
+    async def send_raw(self, data: bytes) -> None:
+        async with self._send_lock:
+            await _write(self.raw, data)
+            self.bytes_out += len(data)
+
+    async def recv(self, timeout: float | None = None) -> Frame:
+        deadline = trio.current_time() + timeout if timeout is not None else math.inf
+        with trio.fail_at(deadline) if deadline != math.inf else _nullcontext():
+            while True:
+                frame = self._decoder.next_frame()
+                if frame is not None:
+                    return frame
+                try:
+                    data = await _read(self.raw, max(self._decoder.wanted(), READ_CHUNK))
+                except (EOFError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    data = b""
+                    cause: BaseException | None = e
+                except Exception as e:  # py-libp2p raises its own StreamEOF / StreamReset types
+                    if _is_eof(e):
+                        data = b""
+                        cause = e
+                    else:
+                        raise
+                else:
+                    cause = None
+                if not data:
+                    if self._decoder.at_boundary():
+                        raise StreamClosed(f"stream from {self.peer} ended") from cause
+                    raise FrameError(
+                        f"stream from {self.peer} ended inside a frame ({self._decoder.buffered} bytes buffered)"
+                    ) from cause
+                self.bytes_in += len(data)
+                self._decoder.feed(data)
+
+    async def close(self) -> None:
+        try:
+            await self.raw.close()
+        except Exception:
+            pass
+
+
+def _is_eof(e: BaseException) -> bool:
+    name = type(e).__name__
+    return name in {"StreamEOF", "StreamReset", "StreamClosed", "MuxedStreamEOF", "MuxedStreamReset"} or (
+        "EOF" in name or "Reset" in name or "Closed" in name
+    )
+
+
+async def _read(raw: Any, n: int) -> bytes:
+    if hasattr(raw, "read"):
+        return await raw.read(n)
+    return await raw.receive_some(n)  # trio.abc.ReceiveStream
+
+
+async def _write(raw: Any, data: bytes) -> None:
+    if hasattr(raw, "write"):
+        await raw.write(data)
+    else:
+        await raw.send_all(data)  # trio.abc.SendStream
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+__all__ = ["ByteStream", "FramedStream", "StreamClosed", "FrameError", "Frame"]
