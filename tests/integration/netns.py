@@ -169,6 +169,12 @@ def _build(tag: str, nat_kinds: Sequence[NatKind], names: list[str]) -> NatLab:
         r.run("iptables", "-A", "FORWARD", "-i", "wan", "-o", "lan", "-m", "conntrack",
               "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
         r.run("iptables", "-A", "FORWARD", "-i", "wan", "-o", "lan", "-j", "DROP")
+        # Unsolicited packets to the router itself are dropped silently, as
+        # home routers do. Without this the kernel answers the first
+        # hole-punch SYN with a RST, which aborts the simultaneous open.
+        r.run("iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack",
+              "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        r.run("iptables", "-A", "INPUT", "-i", "wan", "-j", "DROP")
         routers.append(r)
         hosts.append(h)
     return NatLab(tag, pub, hosts, routers, list(nat_kinds))
