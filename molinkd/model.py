@@ -154,6 +154,9 @@ def _convert_gguf(gguf: Path, out_dir: Path, progress: _Progress) -> None:
     cfg["architectures"] = ["LlamaForCausalLM"]
     cfg["torch_dtype"] = "bfloat16"
     cfg.pop("dtype", None)
+    # machine-specific keys would make the identity hash differ between peers
+    for key in ("_name_or_path", "_model_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     gen = getattr(model, "generation_config", None)
     if gen is not None:

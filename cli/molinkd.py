@@ -1,0 +1,207 @@
+"""``molinkd``: the MoLink-p2p daemon. Argument parsing only: flags -> DaemonConfig -> serve()."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from molinkd.config import DEFAULT_HTTP, DEFAULT_P2P_PORT, DaemonConfig, config_dir
+
+_LAYERS_RE = re.compile(r"^(all|auto|none|\d+:\d+)$")
+
+
+def _layers(v: str) -> str:
+    v = v.strip()
+    if not _LAYERS_RE.match(v):
+        raise argparse.ArgumentTypeError(
+            f"{v!r}: expected S:E (layers S..E-1, e.g. 0:15), 'all', 'auto' or 'none'"
+        )
+    if ":" in v:
+        s, e = (int(x) for x in v.split(":"))
+        if e <= s:
+            raise argparse.ArgumentTypeError(f"{v!r}: the span is empty; the end must be greater than the start")
+    return v
+
+
+def _serving_layers(v: str) -> str:
+    """The MoLink reference's inclusive 'A,B' (0,39 = layers 0 to 39) -> our 'A:B+1'."""
+    m = re.match(r"^\s*(\d+)\s*,\s*(\d+)\s*$", v)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{v!r}: expected A,B (first and last layer, inclusive), e.g. 0,14")
+    a, b = int(m.group(1)), int(m.group(2))
+    if b < a:
+        raise argparse.ArgumentTypeError(f"{v!r}: the last layer is before the first")
+    return f"{a}:{b + 1}"
+
+
+def _initial_peer(v: str) -> str:
+    """The reference's ``IP:PORT`` or a multiaddr."""
+    if v.startswith("/"):
+        return _multiaddr(v)
+    m = re.match(r"^([\w.\-]+):(\d+)$", v)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{v!r}: expected a multiaddr (/ip4/1.2.3.4/tcp/8468/p2p/...) or IP:PORT")
+    host, port = m.groups()
+    proto = "ip4" if re.match(r"^\d+\.\d+\.\d+\.\d+$", host) else "dns4"
+    return f"/{proto}/{host}/tcp/{port}"
+
+
+def _multiaddr(v: str) -> str:
+    if not v.startswith("/") or len(v.split("/")) < 3:
+        raise argparse.ArgumentTypeError(f"{v!r}: not a multiaddr (expected e.g. /ip4/1.2.3.4/tcp/{DEFAULT_P2P_PORT})")
+    return v
+
+
+def _hostport(v: str) -> str:
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{v!r}: expected HOST:PORT, e.g. {DEFAULT_HTTP}")
+    return v
+
+
+def _pos_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: must be at least 1")
+    return n
+
+
+def _pos_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"{v!r}: must be greater than 0")
+    return x
+
+
+def _fraction(v: str) -> float:
+    x = _pos_float(v)
+    if x > 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: must be in (0, 1]")
+    return x
+
+
+def _existing_file(v: str) -> Path:
+    p = Path(v).expanduser()
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{v}: no such file")
+    return p
+
+
+def _model_dir(v: str) -> str:
+    p = Path(v).expanduser()
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{v}: not a Hugging Face model directory (no config.json)")
+    return str(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="molinkd",
+        description="MoLink-p2p daemon: serve an LLM, alone or as one span of layers in a libp2p swarm.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    j = sub.add_parser("join", help="join (or start) a swarm and serve", description=(
+        "Start a peer. With no --bootstrap and --layers all it is plain single-node vLLM serving."))
+    g = j.add_argument_group("model")
+    g.add_argument("--model", type=_model_dir, default=None,
+                   help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--served-model-name", default=None, help="model name in the API (default: from the model)")
+    g.add_argument("--layers", type=_layers, default=None,
+                   help="layers this peer serves: S:E (S..E-1), all, auto (fill gaps in the swarm), none (gateway)")
+    g.add_argument("--serving-layers", type=_serving_layers, default=None, metavar="A,B",
+                   help="the MoLink reference's spelling of --layers: first,last layer inclusive")
+    g.add_argument("--pipeline-parallel-size", type=_pos_int, default=None, metavar="N",
+                   help="accepted for the reference's users; checked against the route found")
+    g = j.add_argument_group("network")
+    g.add_argument("--bootstrap", type=_multiaddr, action="append", default=[], metavar="MULTIADDR",
+                   help="a peer to join through (repeatable), as printed by that peer at start")
+    g.add_argument("--initial-peer", type=_initial_peer, action="append", default=[], metavar="ADDR",
+                   help="the reference's spelling of --bootstrap (IP:PORT or multiaddr)")
+    g.add_argument("--listen", type=_multiaddr, action="append", default=[], metavar="MULTIADDR",
+                   help=f"libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/{DEFAULT_P2P_PORT})")
+    g.add_argument("--announce", type=_multiaddr, action="append", default=[], metavar="MULTIADDR",
+                   help="extra address to advertise (port forwarding, proxies); repeatable")
+    g.add_argument("--identity", type=Path, default=None, metavar="FILE",
+                   help=f"peer identity key, created if missing (default {config_dir() / 'identity.key'})")
+    g.add_argument("--swarm-key", type=_existing_file, default=None, metavar="FILE",
+                   help="private swarm: only peers with the same key file can connect")
+    g = j.add_argument_group("HTTP API")
+    g.add_argument("--http", type=_hostport, default=DEFAULT_HTTP, metavar="HOST:PORT",
+                   help=f"HTTP API address (default {DEFAULT_HTTP})")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    g = j.add_argument_group("engine (vLLM)")
+    g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32", "half", "float"], default="auto")
+    g.add_argument("--max-model-len", type=_pos_int, default=2048, help="context length (default 2048)")
+    g.add_argument("--max-num-seqs", type=_pos_int, default=32, help="max concurrent sequences (default 32)")
+    g.add_argument("--max-num-batched-tokens", type=_pos_int, default=None)
+    g.add_argument("--kv-cache-gib", "--kv-cache-space", type=_pos_float, default=1.0, metavar="GIB",
+                   help="KV cache size on CPU in GiB (default 1)")
+    g.add_argument("--gpu-memory-utilization", type=_fraction, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g = j.add_argument_group("logging")
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
+    g.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    return p
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Accept vLLM-style ``--max_model_len`` as well as ``--max-model-len``."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            name, eq, val = a.partition("=")
+            a = name.replace("_", "-") + eq + val
+        out.append(a)
+    return out
+
+
+def parse_config(argv: list[str]) -> DaemonConfig:
+    parser = build_parser()
+    args = parser.parse_args(normalize_argv(argv))
+    if args.layers and args.serving_layers and args.layers != args.serving_layers:
+        parser.error(f"--layers {args.layers} and --serving-layers (= {args.serving_layers}) disagree; give one")
+    kw = dict(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        layers=args.layers or args.serving_layers or "all",
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        bootstrap=tuple(args.bootstrap + args.initial_peer),
+        announce=tuple(args.announce),
+        http=args.http,
+        swarm_key=args.swarm_key,
+        api_key=args.api_key,
+        dtype={"half": "float16", "float": "float32"}.get(args.dtype, args.dtype),
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=args.seed,
+        log_level=args.log_level,
+        log_json=args.log_json,
+    )
+    if args.listen:
+        kw["listen"] = tuple(args.listen)
+    if args.identity:
+        kw["identity"] = args.identity.expanduser()
+    return DaemonConfig(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    from molinkd.service import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""HTTP API (Quart on trio): vLLM's ``/generate``, OpenAI's ``/v1/*``, ``/health``, ``/status``.
+
+The app talks to a *backend* with one method, ``stream(GenerationRequest) -> async iterator of
+events`` (see :mod:`molinkd.engine.driver`), and a ``model_name``. The backend may run the engine
+here (a head) or forward to a head over libp2p: the HTTP side does not care.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from molinkd.protocol import (
+    APIError,
+    GenerationRequest,
+    check_model_name,
+    parse_chat,
+    parse_completion,
+    parse_generate,
+)
+
+log = logging.getLogger("molinkd.api")
+MAX_BODY = 4 << 20
+
+
+class Backend:  # structural type (documentation only)
+    model_name: str
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[dict]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(json.dumps(obj), status=status, mimetype="application/json")
+
+
+def _error(e: APIError) -> Response:
+    return _json(e.body(), e.status)
+
+
+def create_app(
+    backend_fn: Callable[[], Any],
+    status_fn: Callable[[], Awaitable[dict]],
+    *,
+    api_key: str | None = None,
+) -> QuartTrio:
+    """Build the Quart app. ``backend_fn()`` returns the current backend (or None if none yet)."""
+    app = QuartTrio("molinkd")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.config["RESPONSE_TIMEOUT"] = None  # long generations stream for minutes
+    app.config["BODY_TIMEOUT"] = 60
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(e: HTTPException):  # 404/405/413 from routing and size checks
+        status = e.code or 500
+        msg = {413: f"request body too large (limit {MAX_BODY} bytes)"}.get(status, e.description or e.name)
+        return _error(APIError(status, msg))
+
+    @app.errorhandler(APIError)
+    async def _api_error(e: APIError):
+        return _error(e)
+
+    @app.before_request
+    async def _auth():
+        if api_key and request.path not in ("/health",):
+            got = request.headers.get("Authorization", "")
+            if got != f"Bearer {api_key}":
+                return _error(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'"))
+        return None
+
+    async def _body() -> Any:
+        raw = await request.get_data(as_text=False)
+        if not raw:
+            raise APIError(400, "empty request body: send a JSON object")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from None
+
+    def _backend() -> Any:
+        b = backend_fn()
+        if b is None:
+            raise APIError(503, "no route to a head serving the model yet; retry in a few seconds (see /status)")
+        return b
+
+    @app.get("/health")
+    async def health():
+        return _json({"status": "ok"})
+
+    @app.get("/status")
+    async def status():
+        return _json(await status_fn())
+
+    @app.get("/v1/models")
+    async def models():
+        b = backend_fn()
+        name = b.model_name if b is not None else (await status_fn()).get("model", {}).get("name", "unknown")
+        return _json({
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "molink"}],
+        })
+
+    @app.post("/generate")
+    async def generate():
+        req = parse_generate(await _body())
+        return await _run(req, _generate_stream, _generate_final)
+
+    @app.post("/v1/completions")
+    async def completions():
+        body = await _body()
+        b = _backend()
+        check_model_name(body, b.model_name)
+        req = parse_completion(body)
+        opts = _stream_options(body)
+        return await _run(req, lambda ev, r: _completion_stream(ev, r, b.model_name, opts),
+                          lambda ev, r: _completion_final(ev, r, b.model_name))
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        body = await _body()
+        b = _backend()
+        check_model_name(body, b.model_name)
+        req = parse_chat(body)
+        opts = _stream_options(body)
+        return await _run(req, lambda ev, r: _chat_stream(ev, r, b.model_name, opts),
+                          lambda ev, r: _chat_final(ev, r, b.model_name))
+
+    async def _run(req: GenerationRequest, streamer, finisher) -> Response:
+        b = _backend()
+        req.request_id = req.request_id or uuid.uuid4().hex
+        events = b.stream(req)
+        # Pull the first event before answering, so validation errors get a proper status code.
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            raise APIError(502, "the serving peer closed the request without an answer") from None
+        except BaseException:
+            await events.aclose()
+            raise
+
+        async def all_events() -> AsyncIterator[dict]:
+            async with contextlib.aclosing(events):
+                yield first
+                async for ev in events:
+                    yield ev
+
+        if req.stream:
+            mimetype = "text/event-stream" if req.kind != "generate" else "application/json"
+            resp = Response(streamer(all_events(), req), mimetype=mimetype)
+            resp.timeout = None
+            return resp
+        return _json(await finisher(all_events(), req))
+
+    return app
+
+
+def _stream_options(body: dict) -> dict:
+    so = body.get("stream_options")
+    if so is None:
+        return {}
+    if not isinstance(so, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options")
+    return so
+
+
+# ---------------------------------------------------------------- response shaping
+
+
+class _Acc:
+    """Accumulates events of one request: per-choice text, tokens, logprobs, finish reasons."""
+
+    def __init__(self) -> None:
+        self.prompt = ""
+        self.n = 1
+        self.text: dict[int, str] = {}
+        self.token_ids: dict[int, list[int]] = {}
+        self.logprobs: dict[int, list] = {}
+        self.finish: dict[int, str | None] = {}
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+    def feed(self, ev: dict) -> None:
+        kind = ev.get("ev")
+        if kind == "start":
+            self.prompt = ev.get("prompt", "")
+            self.n = ev.get("n", 1)
+            self.usage["prompt_tokens"] = ev.get("prompt_tokens", 0)
+            for i in range(self.n):
+                self.text.setdefault(i, "")
+                self.token_ids.setdefault(i, [])
+                self.logprobs.setdefault(i, [])
+                self.finish.setdefault(i, None)
+        elif kind == "delta":
+            i = ev["index"]
+            self.text[i] = self.text.get(i, "") + ev.get("text", "")
+            self.token_ids.setdefault(i, []).extend(ev.get("token_ids", []))
+            if ev.get("logprobs"):
+                self.logprobs.setdefault(i, []).extend(ev["logprobs"])
+            if ev.get("finish_reason"):
+                self.finish[i] = ev["finish_reason"]
+        elif kind == "end":
+            self.usage["prompt_tokens"] = ev.get("prompt_tokens", self.usage["prompt_tokens"])
+            self.usage["completion_tokens"] = ev.get("completion_tokens", 0)
+            self.usage["total_tokens"] = self.usage["prompt_tokens"] + self.usage["completion_tokens"]
+
+
+def _completion_logprobs(entries: list, text_offset0: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    off = text_offset0
+    for pos in entries:
+        tid, lp, _rank, dec = pos[0]
+        tokens.append(dec)
+        lps.append(lp)
+        tops.append({e[3]: e[1] for e in pos[1:]})
+        offsets.append(off)
+        off += len(dec)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(entries: list) -> dict:
+    content = []
+    for pos in entries:
+        tid, lp, _rank, dec = pos[0]
+        content.append({
+            "token": dec,
+            "logprob": lp,
+            "bytes": list(dec.encode("utf-8")),
+            "top_logprobs": [{"token": e[3], "logprob": e[1], "bytes": list(e[3].encode("utf-8"))} for e in pos[1:]],
+        })
+    return {"content": content}
+
+
+async def _generate_final(events: AsyncIterator[dict], req: GenerationRequest) -> dict:
+    acc = _Acc()
+    async for ev in events:
+        acc.feed(ev)
+    return {"text": [acc.prompt + acc.text[i] for i in range(acc.n)]}
+
+
+async def _generate_stream(events: AsyncIterator[dict], req: GenerationRequest) -> AsyncIterator[bytes]:
+    """vLLM demo server streaming: NUL-separated JSON objects with the cumulative text."""
+    acc = _Acc()
+    try:
+        async for ev in events:
+            acc.feed(ev)
+            if ev.get("ev") == "delta":
+                yield (json.dumps({"text": [acc.prompt + acc.text[i] for i in range(acc.n)]}) + "\0").encode()
+    except APIError as e:
+        yield (json.dumps(e.body()) + "\0").encode()
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+async def _completion_final(events: AsyncIterator[dict], req: GenerationRequest, model: str) -> dict:
+    acc = _Acc()
+    async for ev in events:
+        acc.feed(ev)
+    choices = []
+    for i in range(acc.n):
+        text = (acc.prompt if req.echo else "") + acc.text[i]
+        lp = None
+        if "logprobs" in req.sampling:
+            lp = _completion_logprobs(acc.logprobs[i], len(acc.prompt) if req.echo else 0)
+        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": acc.finish[i]})
+    return {
+        "id": f"cmpl-{req.request_id}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": acc.usage,
+    }
+
+
+async def _completion_stream(events: AsyncIterator[dict], req: GenerationRequest, model: str, opts: dict):
+    acc = _Acc()
+    created = int(time.time())
+    cid = f"cmpl-{req.request_id}"
+    offsets: dict[int, int] = {}
+    try:
+        async for ev in events:
+            acc.feed(ev)
+            kind = ev.get("ev")
+            if kind == "start" and req.echo:
+                for i in range(acc.n):
+                    offsets[i] = len(acc.prompt)
+                    yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                                "choices": [{"index": i, "text": acc.prompt, "logprobs": None, "finish_reason": None}]})
+            elif kind == "delta":
+                i = ev["index"]
+                lp = None
+                if "logprobs" in req.sampling and ev.get("logprobs"):
+                    lp = _completion_logprobs(ev["logprobs"], offsets.get(i, 0))
+                offsets[i] = offsets.get(i, 0) + len(ev.get("text", ""))
+                yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                            "choices": [{"index": i, "text": ev.get("text", ""), "logprobs": lp,
+                                         "finish_reason": ev.get("finish_reason")}]})
+        if opts.get("include_usage"):
+            yield _sse({"id": cid, "object": "text_completion", "created": created, "model": model,
+                        "choices": [], "usage": acc.usage})
+    except APIError as e:
+        yield _sse(e.body())
+    yield b"data: [DONE]\n\n"
+
+
+async def _chat_final(events: AsyncIterator[dict], req: GenerationRequest, model: str) -> dict:
+    acc = _Acc()
+    async for ev in events:
+        acc.feed(ev)
+    choices = []
+    for i in range(acc.n):
+        lp = _chat_logprobs(acc.logprobs[i]) if "logprobs" in req.sampling else None
+        choices.append({
+            "index": i,
+            "message": {"role": "assistant", "content": acc.text[i]},
+            "logprobs": lp,
+            "finish_reason": acc.finish[i],
+        })
+    return {
+        "id": f"chatcmpl-{req.request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": acc.usage,
+    }
+
+
+async def _chat_stream(events: AsyncIterator[dict], req: GenerationRequest, model: str, opts: dict):
+    acc = _Acc()
+    created = int(time.time())
+    cid = f"chatcmpl-{req.request_id}"
+
+    def chunk(choices: list, **extra: Any) -> bytes:
+        return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": choices, **extra})
+
+    try:
+        async for ev in events:
+            acc.feed(ev)
+            kind = ev.get("ev")
+            if kind == "start":
+                for i in range(acc.n):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+            elif kind == "delta":
+                lp = _chat_logprobs(ev["logprobs"]) if "logprobs" in req.sampling and ev.get("logprobs") else None
+                yield chunk([{"index": ev["index"], "delta": {"content": ev.get("text", "")}, "logprobs": lp,
+                              "finish_reason": ev.get("finish_reason")}])
+        if opts.get("include_usage"):
+            yield chunk([], usage=acc.usage)
+    except APIError as e:
+        yield _sse(e.body())
+    yield b"data: [DONE]\n\n"
+
+
+async def serve_http(app: QuartTrio, bind: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` with Hypercorn on this trio loop; ``task_status.started(bound_urls)``."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    cfg = Config()
+    cfg.bind = [bind]
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    cfg.keep_alive_timeout = 75
+    cfg.graceful_timeout = 2
+    await serve(app, cfg, task_status=task_status)

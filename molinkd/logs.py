@@ -1,0 +1,55 @@
+"""Structured, quiet-by-default logging for the daemon (``key=value`` or JSON lines on stderr)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_NOISY = ("libp2p", "multiaddr", "hypercorn.error", "hypercorn.access", "quart", "transformers", "urllib3",
+          "httpx", "httpcore", "filelock", "asyncio")
+
+
+class _KVFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%H:%M:%S", time.localtime(record.created))
+        extra = getattr(record, "kv", None)
+        tail = "".join(f" {k}={_fmt(v)}" for k, v in extra.items()) if extra else ""
+        msg = f"{ts} {record.levelname.lower():7s} {record.name}: {record.getMessage()}{tail}"
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return msg
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        d = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+             "msg": record.getMessage()}
+        d.update(getattr(record, "kv", None) or {})
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d, default=str)
+
+
+def _fmt(v: object) -> str:
+    s = str(v)
+    return json.dumps(s) if (" " in s or not s) else s
+
+
+def setup(level: str = "warning", as_json: bool = False) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(_JSONFormatter() if as_json else _KVFormatter())
+    root.addHandler(h)
+    lvl = getattr(logging, level.upper(), logging.WARNING)
+    root.setLevel(lvl)
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(max(lvl, logging.WARNING) if name != "libp2p" else max(lvl, logging.ERROR))
+
+
+def kv(**fields: object) -> dict:
+    """``log.info("msg", extra=kv(peer=..., n=...))``"""
+    return {"kv": fields}
