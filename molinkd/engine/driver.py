@@ -172,6 +172,11 @@ class LocalEngine:
                 self._thread.join(timeout=10)
             self._loop = None
 
+    def unfinished(self) -> int:
+        """Requests vLLM still holds (waiting or running)."""
+        llm = self.llm
+        return llm.get_num_unfinished_requests() if llm is not None else 0
+
     @property
     def alive(self) -> bool:
         return self.llm is not None and not getattr(self.llm, "errored", False)

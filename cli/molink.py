@@ -1,0 +1,119 @@
+"""``molink``: the operator's client. ``molink status [--api URL] [--json]`` shows the swarm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from molinkd.config import DEFAULT_HTTP
+
+
+def _fetch(api: str, path: str, api_key: str | None, timeout: float) -> dict:
+    req = urllib.request.Request(api.rstrip("/") + path)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def _short(pid: str | None) -> str:
+    if not pid:
+        return "-"
+    return pid if len(pid) <= 14 else f"{pid[:6]}..{pid[-6:]}"
+
+
+def _coverage_line(total: int, spans: list[tuple[int, int]]) -> str:
+    """``[0,30): ██████████░░░░ gaps: 20-29`` (one cell per layer, up to 60 cells)."""
+    covered = [False] * total
+    for s, e in spans:
+        for i in range(max(0, s), min(total, e)):
+            covered[i] = True
+    gaps, start = [], None
+    for i, c in enumerate(covered + [True]):
+        if not c and start is None:
+            start = i
+        elif c and start is not None:
+            gaps.append(f"{start}-{i - 1}" if i - 1 > start else f"{start}")
+            start = None
+    cells = "".join("#" if c else "." for c in covered) if total <= 60 else ""
+    tail = "complete" if not gaps else "GAPS at layers " + ", ".join(gaps)
+    return f"coverage [0,{total}): {cells} {tail}".replace("  ", " ")
+
+
+def render(st: dict) -> str:
+    lines = []
+    model = st.get("model") or {}
+    lay = st.get("layers") or [0, 0]
+    lines.append(f"peer     {st.get('peer_id') or '-'}")
+    lines.append(f"model    {model.get('name')} (hash {str(model.get('hash', ''))[:16]}, {model.get('num_layers')} layers)")
+    lines.append(f"layers   {lay[0]}:{lay[1]}   engine: {(st.get('engine') or {}).get('state', '-')}"
+                 f"   active requests: {st.get('active_requests', 0)}   throughput: {st.get('throughput', 0)} tok/s")
+    for a in st.get("addrs") or []:
+        lines.append(f"addr     {a}")
+    for b in st.get("bootstrap") or []:
+        state = "connected" if b.get("connected") else f"unreachable ({b.get('last_error') or 'retrying'})"
+        lines.append(f"bootstrap {b.get('addr')}: {state}")
+    route = st.get("route")
+    if route:
+        lines.append("route    " + " -> ".join(_short(p) for p in route))
+        for s in st.get("stages") or []:
+            lines.append(f"  stage {_short(s.get('peer_id'))} {s.get('span')} step {s.get('step_ms', '-')} ms")
+    peers = st.get("peers") or []
+    lines.append("")
+    hdr = f"{'PEER':16} {'SPAN':8} {'LOAD':>5} {'TOK/S':>7} {'RTT ms':>7} {'SEEN':>6}  ADDRS"
+    lines.append(hdr)
+    now = time.time()
+    spans = []
+    for p in peers:
+        s, e = p.get("layers") or [p.get("span_start", 0), p.get("span_end", 0)]
+        spans.append((s, e))
+        rtt = p.get("rtt_ms")
+        seen = p.get("last_seen")
+        seen_s = f"{max(0, now - seen):.0f}s" if isinstance(seen, (int, float)) else "-"
+        me = " (me)" if p.get("peer_id") == st.get("peer_id") else ""
+        addrs = ", ".join((p.get("addrs") or [])[:2])
+        lines.append(f"{_short(p.get('peer_id')) + me:16} {f'{s}:{e}':8} {p.get('active_requests', 0):>5} "
+                     f"{p.get('throughput', 0):>7.1f} {('-' if rtt is None else f'{rtt:.1f}'):>7} {seen_s:>6}  {addrs}")
+    total = model.get("num_layers") or 0
+    if total:
+        if not peers:
+            spans.append(tuple(lay))
+        lines.append("")
+        lines.append(_coverage_line(total, spans))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="molink", description="MoLink-p2p client")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("status", help="show this peer and the swarm it sees")
+    s.add_argument("--api", default=os.environ.get("MOLINK_API", f"http://{DEFAULT_HTTP}"),
+                   help=f"the peer's HTTP API (default http://{DEFAULT_HTTP}, or $MOLINK_API)")
+    s.add_argument("--json", action="store_true", help="print /status as JSON")
+    s.add_argument("--api-key", default=os.environ.get("MOLINK_API_KEY"))
+    s.add_argument("--timeout", type=float, default=5.0)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        st = _fetch(args.api, "/status", args.api_key, args.timeout)
+    except urllib.error.HTTPError as e:
+        sys.stderr.write(f"molink: {args.api}/status answered {e.code}: {e.read().decode(errors='replace')[:200]}\n")
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        sys.stderr.write(f"molink: cannot reach a daemon at {args.api} ({reason}); is `molinkd join` running? "
+                         "Pass --api URL to pick another peer.\n")
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(render(st))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Test helpers: free ports, daemons as real subprocesses, bounded waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5.0, headers: dict | None = None) -> dict:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+class Daemon:
+    """A real ``molinkd join`` process on loopback; logs go to a file shown on failure."""
+
+    def __init__(self, args: list[str], tmp: Path, name: str = "d", env: dict | None = None,
+                 api_key: str | None = None) -> None:
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.name = name
+        self.api_key = api_key
+        self.log_path = tmp / f"{name}.log"
+        full = [sys.executable, "-m", "cli.molinkd", "join", "--http", f"127.0.0.1:{self.http_port}",
+                "--identity", str(tmp / f"{name}.key")]
+        if not any(a.startswith("--listen") for a in args):
+            full += ["--listen", "/ip4/127.0.0.1/tcp/0"]
+        if api_key:
+            full += ["--api-key", api_key]
+        full += args
+        e = dict(os.environ)
+        e.setdefault("OMP_NUM_THREADS", "1")
+        e.update(env or {})
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(full, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=e,
+                                     start_new_session=True)
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def status(self) -> dict:
+        return get_json(self.url + "/status", headers=self.headers)
+
+    def wait_ready(self, timeout: float = 300.0) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                st = self.status()
+                last = st
+                if (st.get("engine") or {}).get("state") == "ready" or st.get("ready"):
+                    return st
+                if (st.get("engine") or {}).get("state") == "failed":
+                    raise RuntimeError(f"daemon {self.name} engine failed:\n{self.log_tail()}")
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"daemon {self.name} not ready after {timeout}s (last status {last}):\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
