@@ -1,0 +1,375 @@
+"""The pipeline head: a vLLM Executor running stage 0 in-process and the rest over frames.
+
+The head peer owns layer 0 and runs vLLM's scheduler (EngineCore). vLLM is told the engine
+is pipeline-parallel with ``len(route)`` stages (so the scheduler sends ``new_token_ids`` and
+keeps up to that many batches in flight), and :class:`PipelineExecutor` is its executor:
+
+- ``execute_model(so)`` runs the local stage-0 worker (layers ``[0, e)``), keeps its hidden
+  states, and returns at once;
+- ``sample_tokens(grammar)`` sends one ``eng.step`` frame (scheduler output + hidden states +
+  grammar) to stage 1 and returns a Future that the reader thread completes when the last
+  stage's ``eng.result`` comes back. With several batches in flight, stage 0 computes batch
+  k+1 while the remote stages compute batch k;
+- empty scheduler outputs (no tokens) are forwarded without hidden states and without a reply,
+  so that finished requests are freed on every stage;
+- KV cache: each stage reports its capacity in the handshake; every stage (the head too, via
+  ``num_gpu_blocks_override``) uses the minimum.
+
+Build the engine with :func:`pipeline_engine_kwargs`; the executor reads its pipeline config
+from ``vllm_config.additional_config["molink_pipeline"]`` (EngineCore runs in a spawned
+process, so everything it needs travels inside the config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from vllm.v1.executor.abstract import Executor
+
+log = logging.getLogger("molinkd.engine.head")
+
+CONFIG_KEY = "molink_pipeline"
+
+
+def pipeline_engine_kwargs(
+    route: list[dict],
+    *,
+    model_hash: str = "",
+    step_timeout: float = 120.0,
+    connect_timeout: float = 30.0,
+    open_timeout: float = 300.0,
+    keepalive: float = 10.0,
+) -> dict:
+    """Extra ``EngineArgs``/``LLM`` keyword arguments that make the engine a pipeline head.
+
+    ``route`` is ``[{"peer", "addr", "start", "end"}, ...]`` head first (the head's ``addr`` is
+    unused); spans must tile ``[0, L)``. Combine with the usual arguments (model, dtype,
+    max_model_len, max_num_seqs, enforce_eager=True ...). Environment for the EngineCore process
+    (e.g. ``VLLM_CPU_KVCACHE_SPACE``) is the caller's business.
+    """
+    if len(route) < 2:
+        raise ValueError("a pipeline route needs at least 2 stages; serve single-node otherwise")
+    if route[0]["start"] != 0:
+        raise ValueError("the head's span must start at layer 0")
+    for a, b in itertools.pairwise(route):
+        if a["end"] != b["start"]:
+            raise ValueError(f"route spans {a['start']}:{a['end']} and {b['start']}:{b['end']} do not meet")
+    cfg = {
+        "route": [
+            {"peer": str(h.get("peer", "")), "addr": str(h.get("addr", "")), "start": int(h["start"]), "end": int(h["end"])}
+            for h in route
+        ],
+        "model_hash": model_hash,
+        "step_timeout": step_timeout,
+        "connect_timeout": connect_timeout,
+        "open_timeout": open_timeout,
+        "keepalive": keepalive,
+    }
+    return {
+        "distributed_executor_backend": PipelineExecutor,
+        "pipeline_parallel_size": len(route),
+        "additional_config": {CONFIG_KEY: cfg},
+        "enforce_eager": True,
+        "async_scheduling": False,
+    }
+
+
+class PipelineError(RuntimeError):
+    """A remote stage failed, timed out or went away; the session is dead."""
+
+
+class PipelineExecutor(Executor):
+    supports_pp = True
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def _init_executor(self) -> None:
+        from molinkd.engine import wire
+        from molinkd.engine.link import FramedLink
+        from molinkd.engine.stage import build_worker
+        from molinkd.spans import Span
+
+        cfg = (self.vllm_config.additional_config or {}).get(CONFIG_KEY)
+        if not cfg:
+            raise ValueError(f"PipelineExecutor needs additional_config[{CONFIG_KEY!r}] (use pipeline_engine_kwargs)")
+        self.cfg = cfg
+        self.route = cfg["route"]
+        self.num_layers = self.model_config.get_total_num_hidden_layers()
+        if self.route[-1]["end"] != self.num_layers:
+            raise ValueError(f"route ends at layer {self.route[-1]['end']}, the model has {self.num_layers}")
+        self.step_timeout = float(cfg["step_timeout"])
+        self.session = uuid.uuid4().hex
+        self._dead: str | None = None
+        self._futures: dict[int, tuple[Future, float]] = {}
+        self._lock = threading.Lock()
+        self._control: queue.Queue = queue.Queue()
+        self._step_ids = itertools.count(1)
+        self._pending: tuple[int, dict, dict | None, Any] | None = None
+        self._last_send = time.monotonic()
+        self._stop = threading.Event()
+        self.stats = {"steps": 0, "bytes_out": 0}
+
+        head = self.route[0]
+        t0 = time.monotonic()
+        self.worker = build_worker(self.vllm_config, Span(head["start"], head["end"]), self.num_layers)
+        log.info("head stage %s:%s loaded in %.1fs", head["start"], head["end"], time.monotonic() - t0)
+
+        self.link = FramedLink.connect(self.route[1]["addr"], timeout=float(cfg["connect_timeout"]))
+        self._reader = threading.Thread(target=self._read_loop, name="molink-head-reader", daemon=True)
+        self._reader.start()
+        self._send(wire.HELLO, self._session_body(0))
+        reply = self._await_control(wire.HELLO_OK, float(cfg["open_timeout"]))
+        self.remote_stages = reply["stages"]
+        log.info("pipeline session %s: %s", self.session[:8], self.remote_stages)
+
+    def _session_body(self, num_blocks: int) -> dict:
+        from molinkd.engine import wire
+
+        vc = self.vllm_config
+        return wire.session_body(
+            session=self.session,
+            model_hash=self.cfg.get("model_hash", ""),
+            route=self.route,
+            num_layers=self.num_layers,
+            dtype=str(vc.model_config.dtype).removeprefix("torch."),
+            max_model_len=vc.model_config.max_model_len,
+            max_num_seqs=vc.scheduler_config.max_num_seqs,
+            max_num_batched_tokens=vc.scheduler_config.max_num_batched_tokens,
+            block_size=vc.cache_config.block_size or 0,
+            num_blocks=num_blocks,
+        )
+
+    def determine_available_memory(self) -> list[int]:
+        local = self.worker.max_kv_blocks()
+        remote = [int(s["max_blocks"]) for s in self.remote_stages]
+        agreed = min([local, *remote])
+        log.info("KV blocks: head %d, stages %s -> %d everywhere", local, remote, agreed)
+        self.cache_config.num_gpu_blocks_override = agreed
+        return [self.worker._kv_mem]
+
+    def initialize_from_config(self, kv_cache_configs: list) -> None:
+        from molinkd.engine import wire
+
+        cfg = kv_cache_configs[0]
+        self._send(wire.OPEN, self._session_body(cfg.num_blocks))
+        self._await_control(wire.OPEN_OK, float(self.cfg["open_timeout"]))
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            self.worker.initialize_from_config(cfg)
+        self.worker.kv_blocks = cfg.num_blocks
+
+    # --- worker calls ----------------------------------------------------------------------
+
+    def collective_rpc(  # type: ignore[override]
+        self,
+        method: str | Callable,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        non_block: bool = False,
+        single_value: bool = False,
+    ) -> Any:
+        """Run ``method`` on the local stage-0 worker. Remote stages follow the session protocol
+        (they are configured by the handshake and driven by step frames), not RPCs."""
+        from vllm.config import set_current_vllm_config
+        from vllm.v1.serial_utils import run_method
+
+        with set_current_vllm_config(self.vllm_config):
+            try:
+                result = run_method(self.worker, method, args, kwargs or {})
+            except Exception as e:
+                if not non_block:
+                    raise
+                fut: Future = Future()
+                fut.set_exception(e)
+                return fut
+        value = result if single_value else [result]
+        if non_block:
+            fut = Future()
+            fut.set_result(value)
+            return fut
+        return value
+
+    def execute_model(self, scheduler_output: Any, non_block: bool = False) -> Any:  # type: ignore[override]
+        from molinkd.engine import schedwire, wire
+        from p2p.tensors import to_wire
+
+        self.check_health()
+        step = next(self._step_ids)
+        sched = schedwire.encode_scheduler_output(scheduler_output)
+        out = self.worker.execute_model(scheduler_output)
+        hidden = self.worker.mailbox.take_outbox()
+        wire_hidden = None if hidden is None else {k: to_wire(v) for k, v in hidden.items()}
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            self._send(wire.STEP, {"step": step, "sched": sched, "grammar": None, "hidden": None, "sample": False})
+            result = out
+        else:
+            if wire_hidden is None:
+                raise PipelineError("stage 0 produced no hidden states for a non-empty step")
+            self._pending = (step, sched, wire_hidden, scheduler_output)
+            result = None
+        if non_block:
+            fut: Future = Future()
+            fut.set_result(result)
+            return fut
+        return result
+
+    def sample_tokens(self, grammar_output: Any, non_block: bool = False) -> Any:  # type: ignore[override]
+        from molinkd.engine import schedwire, wire
+
+        if self._pending is None:
+            raise PipelineError("sample_tokens called without a preceding non-empty execute_model")
+        step, sched, hidden, _ = self._pending
+        self._pending = None
+        fut: Future = Future()
+        with self._lock:
+            self._futures[step] = (fut, time.monotonic() + self.step_timeout)
+        body = {
+            "step": step,
+            "sched": sched,
+            "grammar": schedwire.encode_grammar_output(grammar_output),
+            "hidden": hidden,
+            "sample": True,
+        }
+        try:
+            self._send(wire.STEP, body)
+        except Exception as e:
+            self._fail(f"sending step {step} failed: {e}")
+        self.stats["steps"] += 1
+        if non_block:
+            return fut
+        return fut.result()
+
+    def take_draft_token_ids(self) -> Any:
+        return None
+
+    def check_health(self) -> None:
+        if self._dead:
+            raise PipelineError(self._dead)
+
+    def shutdown(self) -> None:
+        from molinkd.engine import wire
+
+        self._stop.set()
+        link = getattr(self, "link", None)
+        if link is not None:
+            with contextlib.suppress(Exception):
+                self._send(wire.CLOSE, {"session": self.session})
+            with contextlib.suppress(Exception):
+                link.close()
+        if not self._dead:
+            self._dead = "executor shut down"
+        self._fail_all("executor shut down")
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            with contextlib.suppress(Exception):
+                worker.shutdown()
+
+    @classmethod
+    def supports_async_scheduling(cls) -> bool:
+        return False
+
+    # --- link plumbing -------------------------------------------------------------------
+
+    def _send(self, t: str, body: Any) -> None:
+        self.link.send(t, body, timeout=self.step_timeout)
+        self._last_send = time.monotonic()
+
+    def _await_control(self, t: str, timeout: float) -> dict:
+        from molinkd.engine import wire
+
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PipelineError(f"no {t} from the pipeline within {timeout}s")
+            try:
+                ft, body = self._control.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                self.check_health()
+                continue
+            if ft == wire.ERROR:
+                raise PipelineError(f"stage {body.get('stage')} refused the session: {body.get('message')}")
+            if ft == t:
+                return body
+            log.warning("ignoring unexpected %s while waiting for %s", ft, t)
+
+    def _read_loop(self) -> None:
+        from molinkd.engine import schedwire, wire
+        from molinkd.engine.link import LinkTimeout
+
+        keepalive = float(self.cfg.get("keepalive", 10.0))
+        nonce = itertools.count()
+        while not self._stop.is_set():
+            try:
+                f = self.link.recv(timeout=0.5)
+            except LinkTimeout:
+                now = time.monotonic()
+                with self._lock:
+                    late = [s for s, (_, dl) in self._futures.items() if dl < now]
+                if late:
+                    self._fail(f"step {late[0]} got no result within {self.step_timeout}s")
+                    return
+                if now - self._last_send > keepalive:
+                    with contextlib.suppress(Exception):
+                        self._send(wire.PING, {"nonce": next(nonce)})
+                continue
+            except Exception as e:
+                if not self._stop.is_set():
+                    self._fail(f"pipeline connection lost: {e}")
+                return
+            if f.type == wire.RESULT:
+                step = f.get("step")
+                with self._lock:
+                    entry = self._futures.pop(step, None)
+                if entry is None:
+                    log.warning("result for unknown step %r", step)
+                    continue
+                try:
+                    entry[0].set_result(schedwire.decode_model_runner_output(f.get("output")))
+                except Exception as e:
+                    entry[0].set_exception(PipelineError(f"bad result for step {step}: {e}"))
+            elif f.type == wire.ERROR:
+                msg = f"stage {f.get('stage')} failed at step {f.get('step')}: {f.get('message')}"
+                self._control.put((f.type, f.body))
+                self._fail(msg)
+                return
+            elif f.type == wire.PONG:
+                continue
+            else:
+                self._control.put((f.type, f.body))
+
+    def _fail(self, msg: str) -> None:
+        log.error("pipeline failed: %s", msg)
+        if not self._dead:
+            self._dead = msg
+        self._fail_all(msg)
+
+    def _fail_all(self, msg: str) -> None:
+        with self._lock:
+            items = list(self._futures.values())
+            self._futures.clear()
+        for fut, _ in items:
+            if not fut.done():
+                fut.set_exception(PipelineError(msg))
+
+
+def head_env(*, omp_threads: int | None = 1, kv_cache_gib: int | None = 1) -> dict[str, str]:
+    """Environment a head engine on a shared CPU box wants (apply before creating the engine)."""
+    env = {}
+    if omp_threads:
+        env["OMP_NUM_THREADS"] = str(omp_threads)
+    if kv_cache_gib:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    return {k: v for k, v in env.items() if k not in os.environ}

@@ -1,0 +1,130 @@
+"""A small synchronous framed socket link (blocking sockets with deadlines, :mod:`p2p.framing`).
+
+Used inside vLLM processes (EngineCore threads, stage workers), where there is no trio loop.
+Addresses are opaque strings: ``tcp:HOST:PORT`` or ``unix:/path`` (the daemon may later hand out
+Unix paths that it bridges to libp2p streams).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from p2p.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
+
+
+class LinkClosed(ConnectionError):
+    """The other side closed the connection (or died) between frames."""
+
+
+class LinkTimeout(TimeoutError):
+    """No complete frame arrived before the deadline."""
+
+
+def _family_addr(addr: str) -> tuple[int, Any]:
+    if addr.startswith("unix:"):
+        return socket.AF_UNIX, addr[5:]
+    if addr.startswith("tcp:"):
+        host, _, port = addr[4:].rpartition(":")
+        return socket.AF_INET, (host or "127.0.0.1", int(port))
+    raise ValueError(f"address {addr!r} must be tcp:HOST:PORT or unix:/path")
+
+
+class FramedLink:
+    """Frames over one connected socket. ``send`` is thread-safe; ``recv`` is for one reader."""
+
+    def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME, peer: str = "?") -> None:
+        self.sock = sock
+        self.peer = peer
+        self._decoder = FrameDecoder(max_frame)
+        self._max_frame = max_frame
+        self._send_lock = threading.Lock()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @classmethod
+    def connect(cls, addr: str, *, timeout: float = 10.0, **kw: Any) -> FramedLink:
+        fam, a = _family_addr(addr)
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(fam, socket.SOCK_STREAM)
+            s.settimeout(max(deadline - time.monotonic(), 0.1))
+            try:
+                s.connect(a)
+                return cls(s, peer=addr, **kw)
+            except OSError:
+                s.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
+    def send(self, msg_type: str, body: Any = None, *, timeout: float = 60.0) -> None:
+        data = encode_frame(msg_type, body, max_size=self._max_frame)
+        with self._send_lock:
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.sendall(data)
+            except TimeoutError:
+                raise LinkTimeout(f"sending {msg_type} to {self.peer} took over {timeout}s") from None
+            except OSError as e:
+                raise LinkClosed(f"connection to {self.peer} lost while sending {msg_type}: {e}") from None
+            self.bytes_out += len(data)
+
+    def recv(self, timeout: float | None) -> Frame:
+        """Next frame; raises LinkTimeout past ``timeout`` s, LinkClosed at end of stream,
+        FrameError on a malformed frame. A timeout leaves any partial frame buffered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            f = self._decoder.next_frame()
+            if f is not None:
+                return f
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LinkTimeout(f"no frame from {self.peer} within {timeout}s")
+                self.sock.settimeout(left)
+            else:
+                self.sock.settimeout(None)
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                raise LinkClosed(f"connection to {self.peer} lost: {e}") from None
+            if not chunk:
+                raise LinkClosed(f"{self.peer} closed the connection")
+            self.bytes_in += len(chunk)
+            self._decoder.feed(chunk)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def listen(addr: str, backlog: int = 4) -> socket.socket:
+    """A listening socket on ``addr`` (a stale Unix socket file is replaced)."""
+    fam, a = _family_addr(addr)
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    if fam == socket.AF_UNIX:
+        if os.path.exists(a):
+            os.unlink(a)
+    else:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(a)
+    s.listen(backlog)
+    return s
+
+
+def bound_addr(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    return f"tcp:{name[0]}:{name[1]}"

@@ -1,0 +1,552 @@
+"""The stage worker: vLLM computing one contiguous layer span, fed and drained by frames.
+
+Two pieces:
+
+- :class:`StageWorker`: vLLM's platform worker (``CPUWorker``, or ``Worker`` on GPU: chosen in
+  :func:`worker_base_class`, the only place that decides) with its pipeline group replaced by
+  :class:`StageGroup`, a ``GroupCoordinator`` stand-in with ``use_cpu_custom_send_recv = True``.
+  vLLM then hands hidden states to :class:`Mailbox` (its "device communicator") instead of
+  torch.distributed; the caller moves them between the mailbox and the wire. Local world size 1.
+- :class:`StageServer`: the stage process's loop. It accepts one upstream connection at a time
+  (the previous hop), dials the next hop, runs each ``eng.step`` frame through the worker and
+  forwards the hidden states (or, on the last stage, samples and replies). See
+  :mod:`molinkd.engine.wire` for the frames.
+
+Run: ``python -m molinkd.engine.stage --model DIR --layers 15:30 --listen tcp:127.0.0.1:7001``
+(``--next ADDR`` for a middle stage; otherwise the next hop's address comes from the route in
+the session handshake).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from molinkd.spans import PipelinePlacement, Span, parse_span, pipeline_placement
+
+log = logging.getLogger("molinkd.engine.stage")
+
+
+def worker_base_class() -> type:
+    """vLLM's worker class for this platform (the one place the choice is made)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+class Mailbox:
+    """Device-communicator stand-in: vLLM's pipeline send/recv land here (synchronously)."""
+
+    supports_tensor_dict = True
+
+    def __init__(self) -> None:
+        self.inbox: dict[str, Any] | None = None
+        self.outbox: dict[str, Any] | None = None
+
+    def send_tensor_dict(self, tensor_dict: dict[str, Any], dst: int) -> None:
+        self.outbox = dict(tensor_dict)
+
+    def recv_tensor_dict(self, src: int) -> dict[str, Any]:
+        d, self.inbox = self.inbox, None
+        if d is None:
+            raise RuntimeError("vLLM asked for hidden states but none arrived with this step")
+        return d
+
+    def take_outbox(self) -> dict[str, Any] | None:
+        d, self.outbox = self.outbox, None
+        return d
+
+    def destroy(self) -> None:
+        pass
+
+
+def make_stage_group(placement: PipelinePlacement, mailbox: Mailbox) -> Any:
+    """A GroupCoordinator that says "rank r of n" and routes send/recv to ``mailbox``."""
+    from vllm.distributed.parallel_state import GroupCoordinator
+
+    class StageGroup(GroupCoordinator):
+        def __init__(self) -> None:  # no process groups: nothing here is collective
+            self.unique_name = "pp:molink"
+            self.rank = placement.rank
+            self.ranks = list(range(placement.size))
+            self.world_size = placement.size
+            self.rank_in_group = placement.rank
+            self.local_rank = 0
+            self.cpu_group = None
+            self.device_group = None
+            self.device_communicator = mailbox
+            self.use_cpu_custom_send_recv = True
+            self.use_device_communicator = True
+            self.mq_broadcaster = None
+            self.use_custom_op_call = False
+
+        def destroy(self) -> None:
+            pass
+
+    return StageGroup()
+
+
+def _base():  # evaluated once at import: the class statement needs a concrete base
+    return worker_base_class()
+
+
+class StageWorker(_base()):  # type: ignore[misc]
+    """vLLM worker computing only ``span`` (see module docstring).
+
+    Extra constructor keywords: ``span`` (Span), ``num_layers`` (int).
+    """
+
+    def __init__(self, *args: Any, span: Span, num_layers: int, **kwargs: Any) -> None:
+        self.span = span
+        self.placement = pipeline_placement(span, num_layers)
+        self.mailbox = Mailbox()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def is_first(self) -> bool:
+        return self.placement.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.placement.is_last
+
+    def init_device(self) -> None:
+        # vLLM's distributed init must see a world of 1 (this process alone), whatever pipeline
+        # size the head's scheduler config says; then our group stands in for the pipeline.
+        pc = self.parallel_config
+        saved = (pc.pipeline_parallel_size, pc.world_size)
+        pc.pipeline_parallel_size, pc.world_size = 1, 1
+        try:
+            super().init_device()
+        finally:
+            pc.pipeline_parallel_size, pc.world_size = saved
+        if self.placement.partition:
+            os.environ["VLLM_PP_LAYER_PARTITION"] = self.placement.partition
+        else:
+            os.environ.pop("VLLM_PP_LAYER_PARTITION", None)
+        from vllm.distributed import parallel_state
+
+        if self.placement.size > 1:
+            parallel_state._PP = make_stage_group(self.placement, self.mailbox)
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)
+        runner = self.model_runner
+        if not self.is_first and getattr(runner, "intermediate_tensors", None) is None:
+            # the CPU runner skips the dummy run that allocates these
+            runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+                batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+            )
+
+    # --- KV cache ----------------------------------------------------------------------
+
+    def max_kv_blocks(self) -> int:
+        """How many KV blocks this stage could hold (for the session's minimum)."""
+        from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
+
+        cc = self.vllm_config.cache_config
+        saved, cc.num_gpu_blocks_override = cc.num_gpu_blocks_override, None
+        try:
+            specs = self.get_kv_cache_spec()
+            self._resolve_kv_layout(specs)
+            mem = self.determine_available_memory()
+            cfg = get_kv_cache_configs(self.vllm_config, [specs], [mem])[0]
+        finally:
+            cc.num_gpu_blocks_override = saved
+        self._kv_specs, self._kv_mem = specs, mem
+        n = cfg.num_blocks
+        return n if saved is None else min(n, saved)
+
+    def _resolve_kv_layout(self, specs: dict) -> None:
+        """What EngineCore does before sizing the cache (the head's EngineCore already did)."""
+        from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
+        from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+
+        try:
+            self.vllm_config.cache_config.get_resolved_kv_cache_layout()
+            return
+        except ValueError:
+            pass
+        register_all_kvcache_specs(self.vllm_config)
+        layout = resolve_kv_cache_layout(
+            self.vllm_config, [self.get_supported_kv_cache_layouts()], list(specs.values())
+        )
+        self.set_kv_cache_layout(layout.name)
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
+
+        self.vllm_config.cache_config.num_gpu_blocks_override = num_blocks
+        cfg = get_kv_cache_configs(self.vllm_config, [self._kv_specs], [self._kv_mem])[0]
+        if cfg.num_blocks != num_blocks:
+            raise RuntimeError(f"stage could only allocate {cfg.num_blocks} KV blocks, {num_blocks} agreed")
+        cfg.kv_cache_layout = self.vllm_config.cache_config.kv_cache_layout
+        self.initialize_from_config(cfg)
+        self.compile_or_warm_up_model()
+        self.kv_blocks = num_blocks
+
+    def forget_all_requests(self) -> None:
+        """Drop every request's state (a session ended or its head died)."""
+        from vllm.v1.core.sched.output import SchedulerOutput
+
+        reqs = list(getattr(self.model_runner, "requests", {}).keys())
+        if reqs:
+            so = SchedulerOutput.make_empty()
+            so.finished_req_ids = set(reqs)
+            self.execute_model(so)
+
+
+def build_worker(vllm_config: Any, span: Span, num_layers: int, *, distributed_init_method: str | None = None) -> StageWorker:
+    """Construct, init and load a :class:`StageWorker` (no KV cache yet)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.utils.network_utils import get_distributed_init_method, get_open_port
+
+    init = distributed_init_method or get_distributed_init_method("127.0.0.1", get_open_port())
+    # what vLLM's WorkerWrapperBase.init_worker does before building a worker: without the
+    # platform's kernel overrides the CPU path launches Triton kernels it cannot run
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    current_platform.register_triton_kernel_overrides()
+    with set_current_vllm_config(vllm_config):
+        w = StageWorker(
+            vllm_config=vllm_config,
+            local_rank=0,
+            rank=0,
+            distributed_init_method=init,
+            is_driver_worker=True,
+            span=span,
+            num_layers=num_layers,
+        )
+        w.init_device()
+        w.load_model()
+    current_platform.update_block_size_for_backend(vllm_config)
+    return w
+
+
+# --- the stage process's server loop -------------------------------------------------------
+
+
+class SessionError(RuntimeError):
+    pass
+
+
+class StageServer:
+    """Serve sessions for one :class:`StageWorker` (one upstream connection at a time).
+
+    Every wait has a deadline: upstream silence beyond ``idle_timeout`` ends the session (the
+    head pings every few seconds when idle), dials give up after ``connect_timeout``.
+    """
+
+    def __init__(
+        self,
+        worker: StageWorker,
+        *,
+        num_layers: int,
+        model_hash: str,
+        dtype: str,
+        next_addr: str | None = None,
+        peer_id: str = "",
+        idle_timeout: float = 120.0,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        self.worker = worker
+        self.num_layers = num_layers
+        self.model_hash = model_hash
+        self.dtype = dtype
+        self.next_addr = next_addr
+        self.peer_id = peer_id
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self._max_blocks: int | None = None
+        self.steps = 0
+
+    def serve_forever(self, lsock: socket.socket, *, stop: threading.Event | None = None) -> None:
+        from molinkd.engine.link import FramedLink
+
+        lsock.settimeout(1.0)
+        while stop is None or not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            up = FramedLink(conn, peer="upstream")
+            try:
+                self.serve_session(up)
+            except Exception:
+                log.exception("session ended with an error")
+            finally:
+                up.close()
+                with contextlib.suppress(Exception):
+                    self.worker.forget_all_requests()
+
+    def serve_session(self, up: Any) -> None:
+        from molinkd.engine import wire
+        from molinkd.engine.link import LinkClosed
+
+        down: Any = None
+        relay: threading.Thread | None = None
+        try:
+            while True:
+                f = up.recv(timeout=self.idle_timeout)
+                try:
+                    if f.type == wire.CLOSE:
+                        if down is not None:
+                            down.send(wire.CLOSE, f.body)
+                        return
+                    if f.type == wire.STEP:
+                        self._step(f.body, up, down)
+                    elif f.type == wire.PING:
+                        if down is not None:
+                            down.send(wire.PING, f.body)
+                        else:
+                            up.send(wire.PONG, f.body)
+                    elif f.type in (wire.HELLO, wire.OPEN):
+                        body = wire.check_session_body(f.body)
+                        self._check_session(body)
+                        if f.type == wire.HELLO:
+                            body["stages"].append(self._describe(body))
+                        else:
+                            self._open(body["num_blocks"])
+                        if self.worker.is_last:
+                            if f.type == wire.HELLO:
+                                up.send(wire.HELLO_OK, {"session": body["session"], "stages": body["stages"]})
+                            else:
+                                up.send(wire.OPEN_OK, {"session": body["session"], "num_blocks": body["num_blocks"]})
+                        else:
+                            if down is None:
+                                down, relay = self._dial_next(body, up)
+                            body["stage"] += 1
+                            down.send(f.type, body)
+                    else:
+                        raise SessionError(f"unexpected frame {f.type!r} from upstream")
+                except LinkClosed:
+                    raise
+                except Exception as e:
+                    log.exception("stage failed on %s", f.type)
+                    step = f.body.get("step") if isinstance(f.body, dict) else None
+                    with contextlib.suppress(Exception):
+                        up.send(wire.ERROR, {"step": step, "stage": self.worker.span.start, "message": f"{type(e).__name__}: {e}"})
+                    return
+        finally:
+            if down is not None:
+                down.close()
+            if relay is not None:
+                relay.join(timeout=5)
+
+    # --- handlers ---
+
+    def _check_session(self, b: dict) -> None:
+        me = b["route"][b["stage"]]
+        if (me["start"], me["end"]) != (self.worker.span.start, self.worker.span.end):
+            raise SessionError(f"route gives this stage {me['start']}:{me['end']}, it serves {self.worker.span}")
+        if b["num_layers"] != self.num_layers:
+            raise SessionError(f"head's model has {b['num_layers']} layers, this stage's {self.num_layers}")
+        if self.model_hash and b["model_hash"] and b["model_hash"] != self.model_hash:
+            raise SessionError(f"model hash mismatch: head {b['model_hash'][:12]}, stage {self.model_hash[:12]}")
+        if b["dtype"] != self.dtype:
+            raise SessionError(f"dtype mismatch: head {b['dtype']}, stage {self.dtype}")
+        sc = self.worker.vllm_config.scheduler_config
+        mc = self.worker.vllm_config.model_config
+        if b["max_num_seqs"] > sc.max_num_seqs or b["max_num_batched_tokens"] > sc.max_num_batched_tokens:
+            raise SessionError(
+                f"head schedules up to {b['max_num_seqs']} seqs/{b['max_num_batched_tokens']} tokens, "
+                f"stage allows {sc.max_num_seqs}/{sc.max_num_batched_tokens}: start the stage with larger limits"
+            )
+        if b["max_model_len"] > mc.max_model_len:
+            raise SessionError(f"head max_model_len {b['max_model_len']} > stage {mc.max_model_len}")
+        bs = self.worker.vllm_config.cache_config.block_size
+        if b["block_size"] and bs and b["block_size"] != bs:
+            raise SessionError(f"block size mismatch: head {b['block_size']}, stage {bs}")
+
+    def _describe(self, b: dict) -> dict:
+        if self._max_blocks is None:
+            if getattr(self.worker, "kv_blocks", None):
+                self._max_blocks = self.worker.kv_blocks
+            else:
+                self._max_blocks = self.worker.max_kv_blocks()
+        return {
+            "index": b["stage"],
+            "start": self.worker.span.start,
+            "end": self.worker.span.end,
+            "max_blocks": self._max_blocks,
+            "peer": self.peer_id,
+        }
+
+    def _open(self, num_blocks: int) -> None:
+        have = getattr(self.worker, "kv_blocks", None)
+        if have is None:
+            if self._max_blocks is None:
+                self._max_blocks = self.worker.max_kv_blocks()
+            if num_blocks > self._max_blocks:
+                raise SessionError(f"{num_blocks} KV blocks asked, this stage holds at most {self._max_blocks}")
+            self.worker.allocate_kv(num_blocks)
+        elif num_blocks > have:
+            raise SessionError(f"{num_blocks} KV blocks asked, this stage allocated {have} in an earlier session")
+        self.worker.forget_all_requests()
+
+    def _dial_next(self, b: dict, up: Any) -> tuple[Any, threading.Thread]:
+        from molinkd.engine.link import FramedLink
+
+        addr = self.next_addr or b["route"][b["stage"] + 1]["addr"]
+        if not addr:
+            raise SessionError("no address for the next stage (give --next or an addr in the route)")
+        down = FramedLink.connect(addr, timeout=self.connect_timeout)
+        t = threading.Thread(target=_relay_replies, args=(down, up), name="stage-relay", daemon=True)
+        t.start()
+        return down, t
+
+    def _step(self, b: dict, up: Any, down: Any) -> None:
+        from molinkd.engine import schedwire, wire
+        from p2p.tensors import from_wire, to_wire
+
+        wire.check_step_body(b)
+        so = schedwire.decode_scheduler_output(b["sched"])
+        w = self.worker
+        if b.get("hidden"):
+            w.mailbox.inbox = {k: from_wire(v) for k, v in b["hidden"].items()}
+        out = w.execute_model(so)
+        self.steps += 1
+        if not w.is_last:
+            hidden = w.mailbox.take_outbox()
+            if so.total_num_scheduled_tokens > 0 and hidden is None:
+                raise SessionError("the model produced no hidden states for a non-empty step")
+            b["hidden"] = None if hidden is None else {k: to_wire(v) for k, v in hidden.items()}
+            down.send(wire.STEP, b)
+            return
+        if not b["sample"]:
+            return
+        if out is None:
+            out = w.sample_tokens(schedwire.decode_grammar_output(b.get("grammar")))
+        if hasattr(out, "get_output"):
+            out = out.get_output()
+        up.send(wire.RESULT, {"step": b["step"], "output": schedwire.encode_model_runner_output(out)})
+
+
+def _relay_replies(down: Any, up: Any) -> None:
+    """Copy reply frames from the next hop back to the previous one until the link ends."""
+    from molinkd.engine import wire
+    from molinkd.engine.link import LinkClosed, LinkTimeout
+
+    while True:
+        try:
+            f = down.recv(timeout=1.0)
+        except LinkTimeout:
+            continue
+        except (LinkClosed, OSError):
+            return
+        except Exception as e:  # malformed frame from downstream: report it upstream
+            with contextlib.suppress(Exception):
+                up.send(wire.ERROR, {"step": None, "stage": -1, "message": f"bad frame from next stage: {e}"})
+            return
+        if f.type not in wire.REPLY_TYPES:
+            with contextlib.suppress(Exception):
+                up.send(wire.ERROR, {"step": None, "stage": -1, "message": f"next stage sent {f.type!r}"})
+            return
+        try:
+            up.send(f.type, f.body)
+        except Exception:
+            return
+
+
+# --- process entry point --------------------------------------------------------------------
+
+
+def engine_args_for_stage(model: str, *, dtype: str, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int | None, block_size: int | None) -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+
+    kw: dict[str, Any] = dict(
+        model=model,
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        async_scheduling=False,
+        disable_log_stats=True,
+    )
+    if max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = max_num_batched_tokens
+    if block_size:
+        kw["block_size"] = block_size
+    return EngineArgs(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m molinkd.engine.stage", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="HF model directory")
+    p.add_argument("--layers", required=True, help="span S:E (half-open) or A,B (inclusive)")
+    p.add_argument("--listen", required=True, help="tcp:HOST:PORT or unix:/path")
+    p.add_argument("--next", default=None, help="next hop address (default: from the session's route)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--model-hash", default="")
+    p.add_argument("--peer-id", default="")
+    p.add_argument("--idle-timeout", type=float, default=120.0)
+    p.add_argument("--ready-file", default=None, help="write the bound address here once serving")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s stage %(levelname)s %(message)s")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from molinkd.engine.link import bound_addr, listen
+
+    cfg_args = engine_args_for_stage(
+        a.model,
+        dtype=a.dtype,
+        max_model_len=a.max_model_len,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        block_size=a.block_size,
+    )
+    vllm_config = cfg_args.create_engine_config()
+    num_layers = vllm_config.model_config.get_total_num_hidden_layers()
+    span = parse_span(a.layers, num_layers)
+    if not isinstance(span, Span) or span.start == 0:
+        p.error(f"--layers must be a span not starting at 0 (the head owns layer 0), got {a.layers!r}")
+    t0 = time.monotonic()
+    worker = build_worker(vllm_config, span, num_layers)
+    dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+    server = StageServer(
+        worker,
+        num_layers=num_layers,
+        model_hash=a.model_hash,
+        dtype=dtype,
+        next_addr=a.next,
+        peer_id=a.peer_id,
+        idle_timeout=a.idle_timeout,
+    )
+    # size the KV cache now so the handshake answers fast
+    server._max_blocks = worker.max_kv_blocks()
+    lsock = listen(a.listen)
+    addr = bound_addr(lsock)
+    log.info("stage %s ready on %s in %.1fs (max %d KV blocks)", span, addr, time.monotonic() - t0, server._max_blocks)
+    if a.ready_file:
+        tmp = a.ready_file + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(addr)
+        os.replace(tmp, a.ready_file)
+    try:
+        server.serve_forever(lsock)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
