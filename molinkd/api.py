@@ -30,6 +30,7 @@ from molinkd.protocol import (
 
 log = logging.getLogger("molinkd.api")
 MAX_BODY = 4 << 20
+MAX_DRAIN = 64 << 20  # past this, stop reading and let the connection close
 
 
 class Backend:  # structural type (documentation only)
@@ -55,14 +56,16 @@ def create_app(
 ) -> QuartTrio:
     """Build the Quart app. ``backend_fn()`` returns the current backend (or None if none yet)."""
     app = QuartTrio("molinkd")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    # Size is checked in _body(), which drains an oversized body before answering 413: clients that
+    # upload before reading (most do) would otherwise block on a full socket and never see the 413.
+    app.config["MAX_CONTENT_LENGTH"] = None
     app.config["RESPONSE_TIMEOUT"] = None  # long generations stream for minutes
     app.config["BODY_TIMEOUT"] = 60
 
     @app.errorhandler(HTTPException)
     async def _http_error(e: HTTPException):  # 404/405/413 from routing and size checks
         status = e.code or 500
-        msg = {413: f"request body too large (limit {MAX_BODY} bytes)"}.get(status, e.description or e.name)
+        msg = {413: f"request body too large (the limit is {MAX_BODY} bytes)"}.get(status, e.description or e.name)
         return _error(APIError(status, msg))
 
     @app.errorhandler(APIError)
@@ -78,7 +81,20 @@ def create_app(
         return None
 
     async def _body() -> Any:
-        raw = await request.get_data(as_text=False)
+        declared = request.content_length
+        if declared is None or declared > MAX_BODY:
+            buf, total = bytearray(), 0
+            async for chunk in request.body:
+                total += len(chunk)
+                if total <= MAX_BODY:
+                    buf += chunk
+                elif total > MAX_DRAIN:
+                    break
+            if total > MAX_BODY:
+                raise APIError(413, f"request body too large ({total} bytes; the limit is {MAX_BODY})")
+            raw = bytes(buf)
+        else:
+            raw = await request.get_data(as_text=False)
         if not raw:
             raise APIError(400, "empty request body: send a JSON object")
         try:
