@@ -53,12 +53,13 @@ def configure_libp2p_logging(level: int | None = None) -> None:
     On import, libp2p sets its ``libp2p`` logger to WARNING with no handler and no propagation,
     so Python's last-resort handler prints bare lines to stderr, and some of its modules set
     their own INFO levels. We stop propagation and attach one handler that forwards only
-    records at ``level`` or above (default ERROR, or the level named by the environment
-    variable ``MOLINK_LIBP2P_LOG``, e.g. ``DEBUG``) to the root logger's handlers.
+    records at ``level`` or above to the root logger's handlers. The default is CRITICAL (libp2p
+    logs ordinary peer departures as multi-line ERRORs); set the environment variable
+    ``MOLINK_LIBP2P_LOG`` (e.g. ``ERROR``, ``DEBUG``) to see more.
     """
     if level is None:
-        named = logging.getLevelName(os.environ.get("MOLINK_LIBP2P_LOG", "ERROR").upper())
-        level = named if isinstance(named, int) else logging.ERROR
+        named = logging.getLevelName(os.environ.get("MOLINK_LIBP2P_LOG", "CRITICAL").upper())
+        level = named if isinstance(named, int) else logging.CRITICAL
     lg = logging.getLogger("libp2p")
     lg.handlers.clear()
     fwd = _ForwardToRoot()
@@ -312,6 +313,16 @@ class Node:
         self.peer_id: str = peer_id_of(key_pair)
         self._bootstrap: list[BootstrapState] = []
         self._ping = PingService(host)
+        # Hooks set by p2p.nat.run_nat_services: addrs_hook(addrs) -> addrs to advertise
+        # (adds /p2p-circuit addrs behind NAT); dial_hook(peer_id, addrs, timeout) dials
+        # every address incl. circuits (host.connect drops circuits, dials one TCP addr).
+        self.addrs_hook: Callable[[list[str]], list[str]] | None = None
+        self.dial_hook: Callable[[str, Sequence[str], float], Awaitable[Any]] | None = None
+
+    @property
+    def host(self) -> Any:
+        """The py-libp2p host (for p2p.nat only)."""
+        return self._host
 
     # -- addresses and peers
 
@@ -320,7 +331,8 @@ class Node:
         addresses with 0.0.0.0 expanded to concrete interface addresses."""
         listen = [_strip_p2p(str(a)) for a in self._host.get_transport_addrs()]
         base = expand_addrs([*self.cfg.announce, *listen])
-        return [f"{_strip_p2p(a)}/p2p/{self.peer_id}" for a in base]
+        out = [f"{_strip_p2p(a)}/p2p/{self.peer_id}" for a in base]
+        return self.addrs_hook(out) if self.addrs_hook is not None else out
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self._host.get_network().connections.keys() if self._has_conn(p)]
@@ -367,7 +379,10 @@ class Node:
         timeout = self.cfg.dial_timeout if timeout is None else timeout
         try:
             with trio.fail_after(timeout):
-                await self._host.connect(PeerInfo(pid, maddrs))
+                if self.dial_hook is not None and addrs:
+                    await self.dial_hook(peer_id, list(addrs), timeout)
+                else:
+                    await self._host.connect(PeerInfo(pid, maddrs))
         except trio.TooSlowError:
             raise DialError(f"dial to {peer_id} timed out after {timeout:.1f}s (unreachable, or a different swarm key?)") from None
         except DialError:
