@@ -1,0 +1,134 @@
+"""NAT traversal through real NATs built from network namespaces (netns.py).
+
+A public bootstrap peer (it finds out it is public by dial-back and then serves circuit
+relay v2) and two peers, each behind its own NAT router. The two NATed peers learn each
+other from announcements, open a stream to each other over the relay, and DCUtR upgrades
+the connection to a direct one where the NATs allow hole punching:
+
+* port-preserving ("cone") NATs on both sides: relayed first, then direct;
+* symmetric NATs (random external port per flow): the relay keeps carrying the traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.netns import lab_unavailable_reason, open_nat_lab
+
+pytestmark = [pytest.mark.slow, pytest.mark.netns]
+
+PEER = str(Path(__file__).with_name("nat_peer.py"))
+PORT = 4001
+
+_reason = lab_unavailable_reason()
+if _reason:
+    pytestmark.append(pytest.mark.skip(reason=f"NAT lab unavailable: {_reason}"))
+
+
+class Peer:
+    """A nat_peer.py process; its JSON lines are collected by a reader thread."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[str]) -> None:
+        self.name = name
+        self.proc = proc
+        self.events: list[dict] = []
+        self._cv = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            with self._cv:
+                self.events.append(ev)
+                self._cv.notify_all()
+
+    def wait_for(self, ev: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for e in self.events:
+                    if e["ev"] == ev:
+                        return e
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None and not any(e["ev"] == ev for e in self.events):
+                    raise AssertionError(f"{self.name}: no {ev!r} event within {timeout}s; "
+                                         f"events={self.events[-10:]} stderr={self.stderr_tail()}")
+                self._cv.wait(min(left, 0.5))
+
+    def all(self, ev: str) -> list[dict]:
+        with self._cv:
+            return [e for e in self.events if e["ev"] == ev]
+
+    def stderr_tail(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return "(running)"
+        return "\n".join(self.proc.stderr.read().splitlines()[-20:])
+
+
+def _run_swarm(kinds: tuple[str, str]) -> tuple[Peer, Peer, Peer]:
+    with open_nat_lab(kinds) as lab:  # type: ignore[arg-type]
+        boot = Peer("boot", lab.popen(lab.public, [
+            sys.executable, PEER, "--listen", f"/ip4/{lab.public.ip}/tcp/{PORT}", "--lifetime", "75"]))
+        boot_id = boot.wait_for("up", 30)["id"]
+        boot_addr = f"/ip4/{lab.public.ip}/tcp/{PORT}/p2p/{boot_id}"
+        nated = [
+            Peer(f"nat{i + 1}", lab.popen(h, [
+                sys.executable, PEER, "--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--bootstrap", boot_addr,
+                "--expect", "1", "--settle", "12", "--lifetime", "60"]))
+            for i, h in enumerate(lab.hosts)
+        ]
+        for p in nated:
+            p.wait_for("done", 90)
+            p.proc.wait(timeout=15)
+        return boot, nated[0], nated[1]
+
+
+def _check_common(boot: Peer, a: Peer, b: Peer) -> tuple[str, str]:
+    a_id, b_id, boot_id = a.wait_for("up", 0)["id"], b.wait_for("up", 0)["id"], boot.wait_for("up", 0)["id"]
+    # the bootstrap found itself public by dial-back; the NATed peers found themselves private
+    assert any(e["value"] == "public" for e in boot.all("reachability")), boot.events[-10:]
+    for p in (a, b):
+        done = p.wait_for("done", 0)
+        assert done["status"]["reachability"] == "private", done
+        # a reservation on the bootstrap relay, advertised as a circuit address
+        assert any(f"/p2p/{boot_id}/p2p-circuit/p2p/" in x for x in done["status"]["advertised_addrs"]), done
+    # each NATed peer is in the other's peer table and answered a stream
+    assert b_id in a.wait_for("done", 0)["table"]
+    assert a_id in b.wait_for("done", 0)["table"]
+    for p, other in ((a, b_id), (b, a_id)):
+        streams = [e for e in p.all("stream") if e["peer"] == other]
+        assert streams, f"{p.name} never completed a stream to {other}: {p.events[-15:]}"
+        # the first stream went over the relay (the NATs block unsolicited direct dials)
+        assert streams[0]["kind"] == "relayed", streams
+        # a stream still works at the end
+        assert p.wait_for("done", 0)["final"][other] in ("direct", "relayed"), p.wait_for("done", 0)
+    return a_id, b_id
+
+
+def test_cone_nats_relay_then_hole_punch() -> None:
+    boot, a, b = _run_swarm(("cone", "cone"))
+    a_id, b_id = _check_common(boot, a, b)
+    for p, other in ((a, b_id), (b, a_id)):
+        kinds = [e["kind"] for e in p.all("kind") if e["peer"] == other]
+        assert "relayed" in kinds and kinds[-1] == "direct", f"{p.name}: {kinds}"
+        assert p.wait_for("done", 0)["final"][other] == "direct"
+
+
+def test_symmetric_nats_stay_relayed() -> None:
+    boot, a, b = _run_swarm(("symmetric", "symmetric"))
+    a_id, b_id = _check_common(boot, a, b)
+    for p, other in ((a, b_id), (b, a_id)):
+        kinds = [e["kind"] for e in p.all("kind") if e["peer"] == other]
+        assert "direct" not in kinds, f"{p.name}: hole punching through symmetric NATs? {kinds}"
+        assert p.wait_for("done", 0)["final"][other] == "relayed"
