@@ -1,15 +1,29 @@
-"""The daemon: one trio loop owning the HTTP API, the engine bridge and (with the swarm) the libp2p host.
+"""The daemon: one trio loop owning the libp2p node, announcements, the HTTP API and the engine bridge.
 
-``serve(config, task_status)`` runs until cancelled; ``run(config)`` is the process entry point
-(signals, exit codes).
+Roles, decided by the span this peer serves:
+
+- **full** (all layers): plain single-node vLLM; a head with no remote stages.
+- **head** (a span starting at layer 0): runs vLLM's scheduler; waits for a route covering the
+  rest of the model, then starts its engine with the pipeline executor.
+- **stage** (a span not starting at 0): runs a stage process for its layers; heads reach it over
+  ``/molink/stage/1``.
+- **gateway** (``--layers none``): serves HTTP only, forwarding to heads.
+
+Every role answers HTTP; a peer whose engine cannot answer forwards to a head over libp2p.
+``serve(config, task_status)`` runs until cancelled; ``run(config)`` is the process entry point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -18,70 +32,44 @@ from molinkd import __version__, logs
 from molinkd.api import create_app, serve_http
 from molinkd.config import DaemonConfig
 from molinkd.engine.driver import EngineOptions, LocalBackend, LocalEngine
+from molinkd.forward import PROTOCOL as GENERATE_PROTOCOL
+from molinkd.forward import RemoteBackend, serve_generate
 from molinkd.model import ModelError, ModelInfo, load_model_info
 
 log = logging.getLogger("molinkd")
+
+DEFAULT_THROUGHPUT = 50.0  # tokens/s announced before anything was measured
+ROUTE_RETRY = 1.0
+ENGINE_RESTART_BACKOFF = (2.0, 30.0)
 
 
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says what to change."""
 
 
-class Daemon:
-    """State shared by the daemon's tasks (the one owner of each concern is named below)."""
-
-    def __init__(self, cfg: DaemonConfig, model: ModelInfo) -> None:
-        self.cfg = cfg
-        self.model = model
-        self.span = resolve_span(cfg.layers, model.num_layers)
-        self.engine: LocalEngine | None = None  # owned by _run_engine
-        self.backend: LocalBackend | None = None
-        self.engine_state = "starting"
-        self.engine_error: str | None = None
-        self.started = time.time()
-        self.http_url = ""
-
-    def current_backend(self) -> Any:
-        return self.backend
-
-    async def status(self) -> dict:
-        b = self.backend
-        return {
-            "peer_id": None,
-            "addrs": [],
-            "version": __version__,
-            "model": {"name": self.model.name, "hash": self.model.model_hash, "num_layers": self.model.num_layers,
-                      "path": self.model.path},
-            "layers": list(self.span),
-            "engine": {"state": self.engine_state, "error": self.engine_error,
-                       "kv_blocks": self.engine.num_kv_blocks if self.engine else None,
-                       "max_model_len": self.engine.max_model_len if self.engine else None,
-                       "unfinished": self.engine.unfinished() if self.engine else 0},
-            "active_requests": b.active if b else 0,
-            "total_requests": b.total_requests if b else 0,
-            "throughput": round(b.throughput.rate(), 2) if b else 0.0,
-            "http": self.http_url,
-            "peers": [],
-            "uptime": round(time.time() - self.started, 1),
-        }
+def _say(msg: str) -> None:
+    """Operator-facing progress lines (always shown, independent of the log level)."""
+    sys.stderr.write(f"[molinkd] {msg}\n")
+    sys.stderr.flush()
 
 
-def resolve_span(layers: str, num_layers: int) -> tuple[int, int]:
-    if layers == "all":
-        return (0, num_layers)
-    if layers == "none":
+def resolve_layers(layers: str, num_layers: int) -> tuple[int, int] | str:
+    """``all`` / ``none`` / ``S:E`` -> (start, end); ``auto`` stays "auto". Raises StartupError."""
+    from molinkd.spans import Span, SpanError, parse_span
+
+    try:
+        span = parse_span(layers, num_layers)
+    except SpanError as e:
+        raise StartupError(f"--layers {layers}: {e}") from None
+    if span == "auto":
+        return "auto"
+    if span is None:
         return (0, 0)
-    if layers == "auto":
-        raise StartupError("--layers auto is not supported yet: give --layers S:E or all")
-    s, e = (int(x) for x in layers.split(":"))
-    if e > num_layers:
-        raise StartupError(f"--layers {layers}: the model has only {num_layers} layers (valid spans are within 0:{num_layers})")
-    if (s, e) != (0, num_layers):
-        raise StartupError(f"--layers {layers}: serving a partial span is not supported yet; use --layers all")
-    return (s, e)
+    assert isinstance(span, Span)
+    return (span.start, span.end)
 
 
-def engine_options(cfg: DaemonConfig, model: ModelInfo) -> EngineOptions:
+def engine_options(cfg: DaemonConfig, model: ModelInfo, **extra: Any) -> EngineOptions:
     return EngineOptions(
         model=model.path,
         served_name=model.name,
@@ -92,12 +80,166 @@ def engine_options(cfg: DaemonConfig, model: ModelInfo) -> EngineOptions:
         kv_cache_gib=cfg.kv_cache_gib,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         seed=cfg.seed,
+        **extra,
     )
 
 
-async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    engine = LocalEngine(engine_options(d.cfg, d.model))
+class Daemon:
+    """State shared by the daemon's tasks. Owners: engine/backend -> _run_engine or _run_head;
+    stage_* -> _run_stage; route -> _run_head; rtts -> _rtt_loop; node/disc -> serve()."""
+
+    def __init__(self, cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.runtime_dir = runtime_dir
+        layers = resolve_layers(cfg.layers, model.num_layers)
+        self.span: tuple[int, int] = (0, 0) if layers == "auto" else layers  # type: ignore[assignment]
+        self.auto = layers == "auto"
+        self.node: Any = None
+        self.disc: Any = None
+        self.engine: LocalEngine | None = None
+        self.backend: LocalBackend | None = None
+        self.remote: RemoteBackend | None = None
+        self.engine_state = "starting"
+        self.engine_error: str | None = None
+        self.route: list[dict] | None = None
+        self.route_error: str | None = None
+        self.stage_addr: str | None = None
+        self.serving_head: str | None = None
+        self.stage_upstreams: set[str] = set()
+        self.rtts: dict[str, float] = {}
+        self.started = time.time()
+        self.http_url = ""
+        self.dial_path = str(runtime_dir / "dial.sock")
+
+    # -- role ---------------------------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        s, e = self.span
+        if self.auto and e == 0:
+            return "choosing"
+        if e == 0:
+            return "gateway"
+        if s == 0 and e == self.model.num_layers:
+            return "full"
+        return "head" if s == 0 else "stage"
+
+    # -- backends -----------------------------------------------------------------------------
+
+    def current_backend(self) -> Any:
+        if self.backend is not None:
+            return self.backend
+        if self.remote is not None and self.head_candidates():
+            return self.remote
+        return None
+
+    def head_candidates(self) -> list[str]:
+        """Peers whose engine answers generate requests, best first (least loaded, then nearest)."""
+        if self.disc is None:
+            return []
+        heads = [r for r in self.disc.snapshot() if r.online and r.span_start == 0 and r.span_end > 0
+                 and (r.extras or {}).get("engine") == "ready" and r.peer_id != self.node.peer_id]
+        heads.sort(key=lambda r: (r.active_requests, self.rtts.get(r.peer_id, 1.0), r.peer_id))
+        return [r.peer_id for r in heads]
+
+    # -- announcements --------------------------------------------------------------------------
+
+    def record_fields(self) -> dict:
+        b = self.backend
+        thr = b.throughput.rate() if b else 0.0
+        extras: dict[str, Any] = {
+            "engine": self.engine_state,
+            "role": self.role,
+            "http": self.http_url,
+            "rtt": {p[:16]: round(v * 1000, 2) for p, v in list(self.rtts.items())[:16]},
+        }
+        if self.serving_head:
+            extras["serving_head"] = self.serving_head
+        if self.route:
+            extras["route"] = [h["peer"] for h in self.route]
+        return {
+            "model_name": self.model.name,
+            "span_start": self.span[0],
+            "span_end": self.span[1],
+            "total_layers": self.model.num_layers,
+            "free_kv_blocks": int(self.engine.num_kv_blocks or 0) if self.engine else 0,
+            "throughput": round(thr if thr > 0 else DEFAULT_THROUGHPUT, 2),
+            "active_requests": (b.active if b else 0) + (self.remote.active if self.remote else 0),
+            "version": __version__,
+            "extras": extras,
+        }
+
+    # -- status -----------------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        from p2p.records import coverage
+
+        b = self.backend
+        peers = []
+        me_id = self.node.peer_id if self.node else None
+        snapshot = [r for r in (self.disc.snapshot() if self.disc else []) if r.peer_id != me_id]
+        now = time.time()
+        for r in snapshot:
+            d = r.to_dict()
+            d["layers"] = [r.span_start, r.span_end]
+            d["rtt_ms"] = round(self.rtts[r.peer_id] * 1000, 2) if r.peer_id in self.rtts else None
+            d["last_seen"] = r.time
+            d["age_s"] = round(max(0.0, now - r.time), 1)
+            peers.append(d)
+        mine = self.record_fields()
+        if self.node is not None:
+            me = dict(mine, peer_id=self.node.peer_id, addrs=self.node.addrs(), layers=list(self.span),
+                      rtt_ms=None, last_seen=now, state="online")
+            peers.insert(0, me)
+        cov = coverage([r for r in snapshot] + ([] if self.span[1] == 0 else [_self_record(self)]),
+                       self.model.num_layers, self.model.model_hash) if self.disc else None
+        return {
+            "peer_id": self.node.peer_id if self.node else None,
+            "addrs": self.node.addrs() if self.node else [],
+            "version": __version__,
+            "role": self.role,
+            "model": {"name": self.model.name, "hash": self.model.model_hash, "num_layers": self.model.num_layers,
+                      "path": self.model.path},
+            "layers": list(self.span),
+            "engine": {"state": self.engine_state, "error": self.engine_error,
+                       "kv_blocks": self.engine.num_kv_blocks if self.engine else None,
+                       "max_model_len": self.engine.max_model_len if self.engine else None,
+                       "unfinished": self.engine.unfinished() if self.engine else 0},
+            "ready": self.current_backend() is not None if self.role in ("full", "head", "gateway") else (
+                self.stage_addr is not None),
+            "active_requests": (b.active if b else 0) + (self.remote.active if self.remote else 0),
+            "total_requests": (b.total_requests if b else 0) + (self.remote.total_requests if self.remote else 0),
+            "throughput": round(b.throughput.rate(), 2) if b else 0.0,
+            "http": self.http_url,
+            "route": [h["peer"] for h in self.route] if self.route else None,
+            "route_error": self.route_error,
+            "stages": [dict(h) for h in self.route] if self.route else [],
+            "serving_head": self.serving_head,
+            "coverage": cov.to_dict() if cov else None,
+            "bootstrap": self.node.bootstrap_status() if self.node else [],
+            "discovery": self.disc.stats if self.disc else {},
+            "peers": peers,
+            "uptime": round(time.time() - self.started, 1),
+        }
+
+
+def _self_record(d: Daemon) -> Any:
+    from p2p.records import PeerRecord
+
+    return PeerRecord(peer_id=d.node.peer_id, addrs=tuple(d.node.addrs()), model_name=d.model.name,
+                      model_hash=d.model.model_hash, span_start=d.span[0], span_end=d.span[1],
+                      total_layers=d.model.num_layers)
+
+
+# ------------------------------------------------------------------------------ role tasks
+
+
+async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED, extra: dict | None = None) -> None:
+    """Run a local engine (full model, or a pipeline head when ``extra`` holds its kwargs/env)."""
+    engine = LocalEngine(engine_options(d.cfg, d.model, **(extra or {})))
     d.engine = engine
+    d.engine_state = "loading"
     task_status.started()
     t0 = time.monotonic()
     _say(f"loading {d.model.name} layers {d.span[0]}:{d.span[1]} with vLLM (about 30 s on CPU)...")
@@ -107,12 +249,17 @@ async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
         d.engine_state = "failed"
         d.engine_error = f"{type(e).__name__}: {e}"
         log.error("engine failed to start", extra=logs.kv(error=d.engine_error))
-        raise StartupError(f"the vLLM engine failed to start: {d.engine_error}") from e
+        raise
     d.backend = LocalBackend(engine)
     d.engine_state = "ready"
+    d.engine_error = None
+    if d.disc is not None:
+        d.disc.announce_now()
     _say(f"engine ready in {time.monotonic() - t0:.1f}s; serving on {d.http_url}")
     try:
-        await trio.sleep_forever()
+        while engine.alive:
+            await trio.sleep(1.0)
+        raise RuntimeError("the engine stopped (a stage failed or the engine process died)")
     finally:
         d.backend = None
         d.engine_state = "stopped"
@@ -120,28 +267,232 @@ async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
             await trio.to_thread.run_sync(engine.shutdown)
 
 
-def _say(msg: str) -> None:
-    """Operator-facing progress lines (always shown, independent of the log level)."""
-    sys.stderr.write(f"[molinkd] {msg}\n")
-    sys.stderr.flush()
+def _stage_records(d: Daemon) -> list:
+    from molinkd.routing import PeerRecord as RoutePeer
+
+    out = []
+    for r in d.disc.snapshot():
+        ex = r.extras or {}
+        if not r.online or r.span_end == 0 or ex.get("role") not in ("stage",) or ex.get("engine") != "ready":
+            continue
+        holder = ex.get("serving_head")
+        if holder and holder != d.node.peer_id:
+            continue  # serves another head: one head per stage at a time
+        load = min(1.0, r.active_requests / max(1, d.cfg.max_num_seqs))
+        out.append(RoutePeer(peer_id=r.peer_id, span_start=r.span_start, span_end=r.span_end,
+                             throughput=max(r.throughput, 1e-3), load=load,
+                             rtt=d.rtts.get(r.peer_id), model_hash=r.model_hash))
+    return out
+
+
+async def _run_head(d: Daemon) -> None:
+    """Wait for a route covering the model, start the engine on it; re-plan when it fails."""
+    from molinkd.engine.head import pipeline_engine_kwargs
+    from molinkd.routing import NoRouteError, PeerRecord as RoutePeer, plan_route, route_to_dicts
+
+    backoff = ENGINE_RESTART_BACKOFF[0]
+    announced_wait = False
+    while True:
+        me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
+                       model_hash=d.model.model_hash)
+        try:
+            route = plan_route(me, _stage_records(d), d.model.num_layers, rtts=d.rtts)
+        except NoRouteError as e:
+            d.route_error = str(e)
+            d.engine_state = "waiting for route"
+            if not announced_wait:
+                _say(f"waiting for peers to cover the rest of the model: {e}")
+                announced_wait = True
+            await trio.sleep(ROUTE_RETRY)
+            continue
+        d.route_error = None
+        hops = route_to_dicts(route, {h.peer_id: f"p2p:{h.peer_id}" for h in route.hops})
+        pps = d.cfg.pipeline_parallel_size
+        if pps is not None and pps != len(hops):
+            log.warning("--pipeline-parallel-size %d differs from the route found (%d stages); using the route",
+                        pps, len(hops))
+            _say(f"warning: --pipeline-parallel-size {pps} but the route has {len(hops)} stages; using the route")
+        d.route = hops
+        _say("route: " + " -> ".join(f"{h['peer'][:12]}[{h['start']}:{h['end']})" for h in hops))
+        kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash)
+        extra_env = (("MOLINK_P2P_DIAL", d.dial_path),)
+        try:
+            await _run_engine(d, extra={"extra_kwargs": tuple(kwargs.items()), "extra_env": extra_env})
+        except Exception as e:  # the engine died or could not open the session: re-plan
+            d.engine_error = f"{type(e).__name__}: {e}"
+            d.engine_state = "restarting"
+            _say(f"pipeline engine stopped ({d.engine_error}); re-planning in {backoff:.0f}s")
+        d.route = None
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, ENGINE_RESTART_BACKOFF[1])
+        announced_wait = False
+
+
+async def _run_stage(d: Daemon) -> None:
+    """Run the stage process for this peer's span and keep it running."""
+    from molinkd.bridge import STAGE_PROTOCOL, stage_stream_handler
+
+    def on_session(head: str | None, upstream: str) -> None:
+        d.stage_upstreams.add(upstream)
+        if head:
+            d.serving_head = head
+            d.disc.announce_now()
+
+    def on_end(upstream: str) -> None:
+        d.stage_upstreams.discard(upstream)
+        if not d.stage_upstreams:
+            d.serving_head = None
+            d.disc.announce_now()
+
+    d.node.set_stream_handler(STAGE_PROTOCOL, stage_stream_handler(lambda: d.stage_addr, on_session, on_end))
+    backoff = ENGINE_RESTART_BACKOFF[0]
+    while True:
+        sock = d.runtime_dir / "stage.sock"
+        ready = d.runtime_dir / "stage.ready"
+        with contextlib.suppress(FileNotFoundError):
+            ready.unlink()
+        cmd = [sys.executable, "-m", "molinkd.engine.stage", "--model", d.model.path,
+               "--layers", f"{d.span[0]}:{d.span[1]}", "--listen", f"unix:{sock}", "--ready-file", str(ready),
+               "--model-hash", d.model.model_hash, "--peer-id", d.node.peer_id,
+               "--dtype", d.cfg.dtype if d.cfg.dtype != "auto" else "bfloat16",
+               "--max-model-len", str(d.cfg.max_model_len or 2048), "--max-num-seqs", str(d.cfg.max_num_seqs)]
+        if d.cfg.max_num_batched_tokens:
+            cmd += ["--max-num-batched-tokens", str(d.cfg.max_num_batched_tokens)]
+        env = dict(os.environ, MOLINK_P2P_DIAL=d.dial_path,
+                   VLLM_CPU_KVCACHE_SPACE=str(max(1, int(d.cfg.kv_cache_gib))))
+        env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        env.setdefault("PYTHONWARNINGS", "ignore")
+        log_path = d.runtime_dir / "stage.log"
+        d.engine_state = "loading"
+        _say(f"loading layers {d.span[0]}:{d.span[1]} of {d.model.name} in a stage process (log: {log_path})")
+        t0 = time.monotonic()
+        with open(log_path, "ab") as logf:
+            proc = await trio.lowlevel.open_process(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        try:
+            while proc.poll() is None and not ready.exists():
+                await trio.sleep(0.2)
+            if proc.poll() is None:
+                d.stage_addr = ready.read_text().strip()
+                d.engine_state = "ready"
+                d.engine_error = None
+                d.disc.announce_now()
+                _say(f"stage ready in {time.monotonic() - t0:.1f}s")
+                await proc.wait()
+            d.engine_error = f"stage process exited with {proc.returncode}; see {log_path}"
+        finally:
+            d.stage_addr = None
+            if proc.poll() is None:
+                proc.terminate()
+                with trio.move_on_after(10) as scope:
+                    scope.shield = True
+                    await proc.wait()
+                if proc.poll() is None:
+                    proc.kill()
+        d.engine_state = "failed"
+        _say(f"{d.engine_error}; restarting in {backoff:.0f}s")
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, ENGINE_RESTART_BACKOFF[1])
+
+
+async def _choose_auto_span(d: Daemon) -> None:
+    from molinkd.spans import ServedSpan, choose_span, span_length_for
+
+    await trio.sleep(2.5 * d.cfg.announce_period)  # hear the swarm first
+    table = [ServedSpan(r.peer_id, r.span_start, r.span_end, max(r.throughput, 1e-3))
+             for r in d.disc.snapshot() if r.online and r.span_end > 0]
+    weights = sum(p.stat().st_size for p in Path(d.model.path).glob("*.safetensors")) or 1
+    per_layer = max(1, int(2.5 * weights / max(1, d.model.num_layers)))
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    length = span_length_for(d.model.num_layers, free_memory_bytes=free, bytes_per_layer=per_layer)
+    span = choose_span(table, d.model.num_layers, length, exclude_peer=d.node.peer_id)
+    d.span = (span.start, span.end)
+    _say(f"--layers auto chose {span.start}:{span.end} (swarm had {len(table)} serving peers)")
+    d.disc.announce_now()
+
+
+async def _rtt_loop(d: Daemon) -> None:
+    while True:
+        peers = [r.peer_id for r in d.disc.snapshot() if r.online][:16]
+        for pid in peers:
+            try:
+                d.rtts[pid] = await d.node.ping(pid, timeout=3.0)
+            except Exception:
+                d.rtts.pop(pid, None)
+        for pid in list(d.rtts):
+            if pid not in peers:
+                d.rtts.pop(pid, None)
+        await trio.sleep(5.0)
+
+
+# ----------------------------------------------------------------------------------- serve
 
 
 async def serve(cfg: DaemonConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    from molinkd.bridge import STAGE_PROTOCOL, serve_dial_socket
+    from p2p.discovery import Discovery
+    from p2p.host import NodeConfig, open_node
+
     try:
         model = await trio.to_thread.run_sync(load_model_info, cfg.model, cfg.served_model_name)
     except ModelError as e:
         raise StartupError(str(e)) from e
-    d = Daemon(cfg, model)
+    runtime_dir = Path(tempfile.mkdtemp(prefix="molinkd-"))
+    d = Daemon(cfg, model, runtime_dir)
     app = create_app(d.current_backend, d.status, api_key=cfg.api_key)
-    async with trio.open_nursery() as nursery:
-        try:
-            urls = await nursery.start(serve_http, app, cfg.http)
-        except OSError as e:
-            raise StartupError(f"cannot listen for HTTP on {cfg.http}: {e.strerror or e}; choose another --http") from e
-        d.http_url = urls[0] if urls else f"http://{cfg.http}"
-        _say(f"HTTP API on {d.http_url} (model {model.name}, hash {model.short_hash})")
-        await nursery.start(_run_engine, d)
-        task_status.started(d)
+    node_cfg = NodeConfig(listen=tuple(cfg.listen), announce=tuple(cfg.announce), bootstrap=tuple(cfg.bootstrap),
+                          identity_path=cfg.identity, swarm_key_path=cfg.swarm_key)
+    try:
+        async with open_node(node_cfg) as node, trio.open_nursery() as nursery:
+            d.node = node
+            _say(f"peer {node.peer_id}; join this swarm with:")
+            for a in node.addrs():
+                _say(f"    --bootstrap {a}")
+            try:
+                urls = await nursery.start(serve_http, app, cfg.http)
+            except OSError as e:
+                raise StartupError(f"cannot listen for HTTP on {cfg.http}: {e.strerror or e}; "
+                                   "choose another --http") from e
+            d.http_url = urls[0] if urls else f"http://{cfg.http}"
+            _say(f"HTTP API on {d.http_url} (model {model.name}, hash {model.short_hash})")
+            d.disc = Discovery(node, model.model_hash, d.record_fields, period=cfg.announce_period)
+            await nursery.start(d.disc.run)
+            d.remote = RemoteBackend(node, model.name, model.model_hash, d.head_candidates)
+            node.set_stream_handler(
+                GENERATE_PROTOCOL,
+                lambda s, remote: serve_generate(s, remote, backend_fn=lambda: d.backend,
+                                                 model_hash=model.model_hash))
+            await nursery.start(lambda task_status: serve_dial_socket(
+                node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, task_status=task_status))
+            nursery.start_soon(_rtt_loop, d)
+            if d.auto:
+                await _choose_auto_span(d)
+            role = d.role
+            if role == "full":
+                nursery.start_soon(_run_full, d)
+            elif role == "head":
+                nursery.start_soon(_run_head, d)
+            elif role == "stage":
+                nursery.start_soon(_run_stage, d)
+            else:
+                d.engine_state = "none"
+                _say("gateway: serving HTTP only, forwarding requests to heads")
+            task_status.started(d)
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    await d.disc.leave()
+    finally:
+        import shutil
+
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+async def _run_full(d: Daemon) -> None:
+    try:
+        await _run_engine(d)
+    except Exception as e:
+        raise StartupError(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
 
 
 async def _main(cfg: DaemonConfig) -> None:
@@ -167,6 +518,12 @@ def _unwrap(e: BaseException) -> BaseException:
 def run(cfg: DaemonConfig) -> int:
     logs.setup(cfg.log_level, cfg.log_json)
     try:
+        from p2p.host import configure_libp2p_logging
+
+        configure_libp2p_logging()
+    except ImportError:
+        pass
+    try:
         trio.run(_main, cfg)
     except BaseException as e:  # noqa: BLE001 - top level: turn into an exit status
         inner = _unwrap(e)
@@ -175,5 +532,10 @@ def run(cfg: DaemonConfig) -> int:
             return 1
         if isinstance(inner, KeyboardInterrupt):
             return 130
+        from p2p.host import IdentityError, SwarmKeyError
+
+        if isinstance(inner, (IdentityError, SwarmKeyError, OSError)):
+            sys.stderr.write(f"molinkd: {type(inner).__name__}: {inner}\n")
+            return 1
         raise
     return 0

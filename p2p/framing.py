@@ -123,6 +123,16 @@ class FrameDecoder:
         self._need = None
         return decode_payload(payload)
 
+    def take_unparsed(self) -> bytes:
+        """Remove and return every byte fed but not yet returned as a frame, exactly as received
+        (used when a stream switches from frames to a raw byte pipe)."""
+        out = bytes(self._buf)
+        if self._need is not None:
+            out = HEADER.pack(self._need) + out
+        self._buf.clear()
+        self._need = None
+        return out
+
     def at_boundary(self) -> bool:
         """True when no partial frame is buffered (a clean place for the stream to end)."""
         return self._need is None and not self._buf

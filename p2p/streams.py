@@ -84,6 +84,10 @@ class FramedStream:
                 self.bytes_in += len(data)
                 self._decoder.feed(data)
 
+    def take_unparsed(self) -> bytes:
+        """Bytes already read from the stream but not yet parsed into frames (see FrameDecoder)."""
+        return self._decoder.take_unparsed()
+
     async def close(self) -> None:
         try:
             await self.raw.close()

@@ -97,3 +97,13 @@ async def test_framed_stream_clean_close_and_deadline():
     await a.aclose()
     with pytest.raises(StreamClosed):
         await fb.recv(timeout=5)
+
+
+def test_take_unparsed_returns_exact_bytes():
+    a, b = encode_frame("a", 1), encode_frame("b", b"x" * 100)
+    dec = FrameDecoder()
+    dec.feed(a + b[:10])
+    assert dec.next_frame().type == "a"
+    assert dec.next_frame() is None  # header of b consumed, payload partial
+    assert dec.take_unparsed() == b[:10]
+    assert dec.at_boundary()

@@ -1,0 +1,162 @@
+"""Bridges between vLLM processes (plain framed sockets) and libp2p streams owned by the daemon.
+
+vLLM code runs in its own processes with no trio loop and no libp2p; it speaks frames over
+sockets (:mod:`molinkd.engine.link`). The daemon joins the two worlds:
+
+- **dial socket** (a Unix socket per daemon): an engine process connects, sends
+  ``p2p.dial {"peer", "proto"}``, gets ``p2p.dial_ok {}`` (or ``p2p.dial_err {"message"}``), and
+  from then on the connection is a byte pipe to a libp2p stream to that peer. An address
+  ``p2p:<peer id>`` in a route means exactly this (see ``link.FramedLink.connect``).
+- **stage protocol** ``/molink/stage/1``: an incoming libp2p stream is piped to the local stage
+  process's socket. The first frame (the session hello) is inspected to learn which head the
+  stage serves, so the daemon can announce it (one head per stage at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Callable
+
+import trio
+
+from p2p.framing import FrameError, encode_frame
+from p2p.streams import FramedStream, StreamClosed
+
+log = logging.getLogger("molinkd.bridge")
+
+STAGE_PROTOCOL = "/molink/stage/1"
+DIAL, DIAL_OK, DIAL_ERR = "p2p.dial", "p2p.dial_ok", "p2p.dial_err"
+CHUNK = 1 << 18
+
+
+class _TrioRaw:
+    """read/write/close over a trio stream (the interface FramedStream and _pump expect)."""
+
+    def __init__(self, s: trio.abc.Stream) -> None:
+        self.s = s
+
+    async def read(self, n: int = CHUNK) -> bytes:
+        return await self.s.receive_some(n)
+
+    async def write(self, data: bytes) -> None:
+        await self.s.send_all(data)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.s.aclose()
+
+
+async def _pump(src: Any, dst: Any, label: str) -> None:
+    """Copy bytes until EOF or error on either side."""
+    try:
+        while True:
+            data = await src.read(CHUNK)
+            if not data:
+                return
+            await dst.write(data)
+    except Exception as e:  # resets, EOF exceptions, broken pipes: all end the pipe
+        log.debug("pipe %s ended: %s: %s", label, type(e).__name__, e)
+
+
+async def pipe(a: Any, b: Any, label: str = "") -> None:
+    """Bidirectional byte pipe; when either direction ends, both sides are closed."""
+    async with trio.open_nursery() as nursery:
+        async def one(src: Any, dst: Any, tag: str) -> None:
+            await _pump(src, dst, tag)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(one, a, b, f"{label}>")
+        nursery.start_soon(one, b, a, f"{label}<")
+    for s in (a, b):
+        with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await s.close()
+
+
+async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str],
+                            task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on Unix socket ``path`` for engine processes that want a libp2p stream."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+
+    async def handle(conn: trio.SocketStream) -> None:
+        raw = _TrioRaw(conn)
+        local = FramedStream(raw, peer="engine")
+        try:
+            frame = await local.recv(timeout=10)
+            if frame.type != DIAL:
+                raise FrameError(f"expected {DIAL}, got {frame.type}")
+            peer, proto = frame.get("peer"), frame.get("proto")
+            if not isinstance(peer, str) or proto not in allowed_protocols:
+                raise FrameError(f"bad dial request {frame.body!r}")
+        except (FrameError, StreamClosed, trio.TooSlowError) as e:
+            log.warning("dial socket: dropping a local connection: %s", e)
+            await raw.close()
+            return
+        try:
+            remote = await node.open_stream(peer, proto, timeout=15)
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await local.send(DIAL_ERR, {"message": f"cannot reach {peer}: {e}"})
+            await raw.close()
+            return
+        await local.send(DIAL_OK, {})
+        await pipe(raw, remote.raw, f"dial:{peer[:8]}")
+
+    async with listener:
+        task_status.started(path)
+        await trio.serve_listeners(handle, [listener])
+
+
+def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Callable[[str | None, str], None],
+                         on_end: Callable[[str], None]):
+    """A ``/molink/stage/1`` handler piping to the local stage process.
+
+    ``local_addr_fn()`` returns ``unix:/path`` of the stage process (None while it loads);
+    ``on_session(head_peer, upstream)`` / ``on_end(upstream)`` let the daemon announce which head it
+    serves. The first frame must be a session hello/open naming the route; it is forwarded as is.
+    """
+
+    async def handler(stream: FramedStream, remote: str) -> None:
+        addr = local_addr_fn()
+        if not addr or not addr.startswith("unix:"):
+            await _reject(stream, "this stage's engine is not ready")
+            return
+        try:
+            first = await stream.recv(timeout=30)
+        except (StreamClosed, FrameError, trio.TooSlowError) as e:
+            log.info("stage stream from %s dropped before its hello: %s", remote, e)
+            return
+        head = None
+        route = first.get("route")
+        if isinstance(route, list) and route and isinstance(route[0], dict):
+            head = route[0].get("peer") if isinstance(route[0].get("peer"), str) else None
+        try:
+            conn = await trio.open_unix_socket(addr[5:])
+        except OSError as e:
+            await _reject(stream, f"the stage process is unreachable: {e}")
+            return
+        local = _TrioRaw(conn)
+        on_session(head, remote)
+        try:
+            await local.write(encode_frame(first.type, first.body))
+            leftover = stream.take_unparsed()  # bytes read past the hello must not be lost
+            if leftover:
+                await local.write(leftover)
+            await pipe(stream.raw, local, f"stage:{remote[:8]}")
+        finally:
+            on_end(remote)
+
+    return handler
+
+
+async def _reject(stream: FramedStream, message: str) -> None:
+    with contextlib.suppress(Exception):
+        with trio.move_on_after(5):
+            await stream.send("eng.error", {"step": -1, "stage": -1, "message": message})

@@ -1,0 +1,173 @@
+"""Requests asked on a peer that is not a head travel over libp2p to a head; events stream back.
+
+Protocol ``/molink/generate/1`` (frames from :mod:`p2p.framing`):
+
+- asker -> head: ``gen.request {"req": GenerationRequest.to_wire(), "model_hash": str}``
+- head -> asker: ``gen.event <event>`` (the backend events of :mod:`molinkd.engine.driver`), then
+  ``gen.done {}``; or ``gen.error APIError.to_wire()`` at any point.
+- The asker closing the stream cancels the request on the head (its engine slot is freed).
+
+Every wait has a deadline; a head that dies mid-request surfaces as a 502 to the HTTP client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator, Callable
+
+import trio
+
+from molinkd.protocol import APIError, GenerationRequest
+from p2p.framing import FrameError
+from p2p.streams import FramedStream, StreamClosed
+
+log = logging.getLogger("molinkd.forward")
+
+PROTOCOL = "/molink/generate/1"
+REQUEST, EVENT, DONE, ERROR = "gen.request", "gen.event", "gen.done", "gen.error"
+FIRST_EVENT_TIMEOUT = 600.0  # queueing + prefill on a busy head
+EVENT_TIMEOUT = 300.0
+_EVENT_KEYS = {"start": {"prompt", "prompt_tokens", "n"}, "delta": {"index", "text", "token_ids", "logprobs",
+                                                                     "finish_reason"},
+               "end": {"prompt_tokens", "completion_tokens"}}
+
+
+def check_event(ev: Any) -> dict:
+    """Validate an event that came off the network (types matter: the HTTP layer trusts them)."""
+    if not isinstance(ev, dict) or ev.get("ev") not in _EVENT_KEYS:
+        raise FrameError(f"not a generation event: {str(ev)[:80]}")
+    kind = ev["ev"]
+    missing = _EVENT_KEYS[kind] - set(ev)
+    if missing:
+        raise FrameError(f"{kind} event misses {sorted(missing)}")
+    if kind == "delta":
+        if not isinstance(ev["index"], int) or not isinstance(ev["text"], str) or not isinstance(ev["token_ids"], list):
+            raise FrameError("delta event has wrong field types")
+        if ev["finish_reason"] is not None and not isinstance(ev["finish_reason"], str):
+            raise FrameError("delta finish_reason must be a string")
+        if ev["logprobs"] is not None and not isinstance(ev["logprobs"], list):
+            raise FrameError("delta logprobs must be a list")
+    elif kind == "start":
+        if not isinstance(ev["prompt"], str) or not isinstance(ev["n"], int) or not isinstance(ev["prompt_tokens"], int):
+            raise FrameError("start event has wrong field types")
+    elif not all(isinstance(ev[k], int) for k in ("prompt_tokens", "completion_tokens")):
+        raise FrameError("end event counts must be integers")
+    return ev
+
+
+async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Callable[[], Any], model_hash: str) -> None:
+    """Head side of the protocol: one request per stream."""
+    try:
+        frame = await stream.recv(timeout=30)
+    except (StreamClosed, FrameError, trio.TooSlowError) as e:
+        log.info("dropping generate stream from %s: %s", remote, e)
+        return
+    try:
+        if frame.type != REQUEST:
+            raise APIError(400, f"expected {REQUEST}, got {frame.type}")
+        if frame.get("model_hash") != model_hash:
+            raise APIError(409, "model hash mismatch: this head serves another model version")
+        req = GenerationRequest.from_wire(frame.get("req"))
+        backend = backend_fn()
+        if backend is None:
+            raise APIError(503, "this head's engine is not ready")
+    except (APIError, TypeError) as e:
+        err = e if isinstance(e, APIError) else APIError(400, f"malformed forwarded request: {e}")
+        await _try_send(stream, ERROR, err.to_wire())
+        return
+
+    async with trio.open_nursery() as nursery:
+        async def watch_close() -> None:
+            # Anything after the request (or the stream closing) means: stop.
+            try:
+                await stream.recv(timeout=None)
+            except (StreamClosed, FrameError, Exception):
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_close)
+        try:
+            events = backend.stream(req)
+            async with _aclosing(events):
+                async for ev in events:
+                    await stream.send(EVENT, ev)
+            await stream.send(DONE, {})
+        except APIError as e:
+            await _try_send(stream, ERROR, e.to_wire())
+        except (StreamClosed, ConnectionError) as e:
+            log.info("asker %s went away: %s", remote, e)
+        nursery.cancel_scope.cancel()
+
+
+async def _try_send(stream: FramedStream, t: str, body: Any) -> None:
+    try:
+        with trio.move_on_after(5):
+            await stream.send(t, body)
+    except Exception:
+        pass
+
+
+class _aclosing:
+    def __init__(self, agen: Any) -> None:
+        self.agen = agen
+
+    async def __aenter__(self) -> Any:
+        return self.agen
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.agen.aclose()
+
+
+class RemoteBackend:
+    """Forward requests to a head chosen by ``pick_heads()`` (best first)."""
+
+    def __init__(self, node: Any, model_name: str, model_hash: str, pick_heads: Callable[[], list[str]]) -> None:
+        self.node = node
+        self.model_name = model_name
+        self.model_hash = model_hash
+        self.pick_heads = pick_heads
+        self.active = 0
+        self.total_requests = 0
+
+    async def _open(self) -> FramedStream:
+        heads = self.pick_heads()
+        if not heads:
+            raise APIError(503, "no head serving this model is reachable yet; retry shortly (see /status)")
+        errors = []
+        for peer in heads[:3]:
+            try:
+                return await self.node.open_stream(peer, PROTOCOL, timeout=10)
+            except Exception as e:  # DialError and friends
+                errors.append(f"{peer[:12]}: {e}")
+        raise APIError(502, "could not reach any head: " + "; ".join(errors))
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[dict]:
+        self.active += 1
+        self.total_requests += 1
+        stream = await self._open()
+        try:
+            await stream.send(REQUEST, {"req": req.to_wire(), "model_hash": self.model_hash})
+            timeout = FIRST_EVENT_TIMEOUT
+            while True:
+                try:
+                    frame = await stream.recv(timeout=timeout)
+                except trio.TooSlowError:
+                    raise APIError(504, f"the head {stream.peer[:12]} sent nothing for {timeout:.0f}s") from None
+                except (StreamClosed, FrameError) as e:
+                    raise APIError(502, f"the head {stream.peer[:12]} failed mid-request: {e}") from None
+                timeout = EVENT_TIMEOUT
+                if frame.type == EVENT:
+                    try:
+                        yield check_event(frame.body)
+                    except FrameError as e:
+                        raise APIError(502, f"the head sent a malformed event: {e}") from None
+                elif frame.type == DONE:
+                    return
+                elif frame.type == ERROR:
+                    raise APIError.from_wire(frame.body)
+                else:
+                    raise APIError(502, f"the head sent an unexpected {frame.type!r} frame")
+        finally:
+            self.active -= 1
+            with trio.CancelScope(shield=True):
+                await stream.close()
