@@ -202,8 +202,8 @@ def write_swarm_key(path: Path) -> None:
 
 
 def _local_ipv4s() -> list[str]:
-    """Concrete IPv4 addresses of this machine (loopback first), best effort without netifaces."""
-    ips = ["127.0.0.1"]
+    """Concrete IPv4 addresses of this machine (loopback last), best effort without netifaces."""
+    ips: list[str] = []
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
             ip = str(info[4][0])
@@ -215,11 +215,11 @@ def _local_ipv4s() -> list[str]:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect(("192.0.2.1", 9))
             ip = s.getsockname()[0]
-            if ip not in ips:
+            if ip not in ips and not ip.startswith("127."):
                 ips.append(ip)
     except OSError:
         pass
-    return ips
+    return [*ips, "127.0.0.1"]
 
 
 def expand_addrs(addrs: Sequence[str]) -> list[str]:
@@ -328,7 +328,7 @@ class Node:
 
     def addrs(self) -> list[str]:
         """Full multiaddrs (with ``/p2p/<id>``): announce addresses first, then the listen
-        addresses with 0.0.0.0 expanded to concrete interface addresses."""
+        addresses with 0.0.0.0 expanded to concrete interface addresses (loopback last)."""
         listen = [_strip_p2p(str(a)) for a in self._host.get_transport_addrs()]
         base = expand_addrs([*self.cfg.announce, *listen])
         out = [f"{_strip_p2p(a)}/p2p/{self.peer_id}" for a in base]
