@@ -12,8 +12,7 @@ direct), and finally ``done`` with the table and connection kinds. Exits by itse
 after ``--lifetime`` seconds, or ``--settle`` seconds after every expected peer has
 answered a stream (earlier if all are direct).
 
-The peer table comes from p2p.discovery when it exists, else from a minimal gossipsub
-announcement of (peer id, addrs) (same information a PeerRecord carries).
+The peer table is p2p.discovery's (signed PeerRecord announcements incl. addrs, every 1 s).
 """
 
 from __future__ import annotations
@@ -30,10 +29,10 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from p2p import nat  # noqa: E402
+from p2p.discovery import Discovery  # noqa: E402
 from p2p.host import NodeConfig, open_node  # noqa: E402
 
 ECHO = "/molink/nat-test/echo/1"
-TOPIC = "molink-nat-test"
 T0 = time.monotonic()
 
 
@@ -69,22 +68,20 @@ async def main(a: argparse.Namespace) -> None:
                 with trio.move_on_after(1):
                     await svc.wait_changed()
 
-        async def announce() -> None:
-            sub = await node.subscribe(TOPIC)
+        disc = Discovery(node, "nat-test-model-hash", lambda: dict(
+            model_name="nat-test", span_start=0, span_end=0, total_layers=1, version="nat-test"), period=1.0)
+        await nursery.start(disc.run)
 
-            async def recv() -> None:
-                async for data, src in sub:
-                    if src == node.peer_id:
-                        continue
-                    rec = json.loads(data)
-                    if table.get(src) != rec["addrs"]:
-                        table[src] = rec["addrs"]
-                        emit("table", peers=sorted(table))
-
-            nursery.start_soon(recv)
+        async def watch_table() -> None:
             while True:
-                await node.publish(TOPIC, json.dumps({"id": node.peer_id, "addrs": node.addrs()}).encode())
-                await trio.sleep(1)
+                snap = {r.peer_id: list(r.addrs) for r in disc.snapshot() if r.peer_id != node.peer_id}
+                if snap != table:
+                    grew = set(snap) != set(table)
+                    table.clear()
+                    table.update(snap)
+                    if grew:
+                        emit("table", peers=sorted(table))
+                await trio.sleep(0.1)
 
         async def probe(pid: str) -> None:
             while pid not in answered:
@@ -118,7 +115,7 @@ async def main(a: argparse.Namespace) -> None:
                 await trio.sleep(0.1)
 
         nursery.start_soon(watch_nat)
-        nursery.start_soon(announce)
+        nursery.start_soon(watch_table)
         nursery.start_soon(watch_kinds)
         probing: set[str] = set()
         bootstrap_ids = {b.rsplit("/p2p/", 1)[-1] for b in a.bootstrap}
