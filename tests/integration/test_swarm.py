@@ -169,7 +169,6 @@ async def test_unreachable_bootstrap_keeps_retrying_then_connects(tmp_path: Path
 
 
 @pytest.mark.trio
-@pytest.mark.slow
 async def test_swarm_key_rejects_other_keys(tmp_path: Path) -> None:
     k1, k2 = tmp_path / "k1", tmp_path / "k2"
     write_swarm_key(k1)
