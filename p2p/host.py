@@ -350,6 +350,16 @@ class Node:
         conns = conns if isinstance(conns, list) else [conns]
         return any(not getattr(getattr(c, "muxed_conn", None), "is_closed", False) for c in conns)
 
+    def security_protocols(self) -> dict[str, Any]:
+        """The connection security and muxer protocols this host negotiates (for /status and
+        tests: Noise and yamux only)."""
+        up = self._host.get_network().upgrader
+        return {
+            "security": [str(p) for p in up.security_multistream._selector.handlers],
+            "muxer": [str(p) for p in up.muxer_multistream._selector.handlers],
+            "swarm_key": self.cfg.swarm_key_path is not None,
+        }
+
     def bootstrap_status(self) -> list[dict[str, Any]]:
         for b in self._bootstrap:
             b.connected = self.is_connected(b.peer_id)

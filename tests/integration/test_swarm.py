@@ -250,6 +250,8 @@ async def test_custom_protocol_round_trip_ping_and_dial_errors() -> None:
         await fs.close()
         assert seen == [b.peer_id]
         assert b.is_connected(a.peer_id) and a.peer_id in b.connected_peers()
+        # Noise only (no secio, no /plaintext/2.0.0), yamux only
+        assert b.security_protocols()["security"] == ["/noise"] and b.security_protocols()["muxer"] == ["/yamux/1.0.0"]
         rtt = await b.ping(a.peer_id, timeout=5)
         assert 0 < rtt < 1.0
         with pytest.raises(DialError, match="/molink/nope"):
