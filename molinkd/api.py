@@ -105,7 +105,7 @@ def create_app(
     def _backend() -> Any:
         b = backend_fn()
         if b is None:
-            raise APIError(503, "no route to a head serving the model yet; retry in a few seconds (see /status)")
+            raise APIError(503, "no head serving this model is reachable yet (engine loading, or no route); retry in a few seconds and see /status")
         return b
 
     @app.get("/health")

@@ -427,7 +427,8 @@ async def _rtt_loop(d: Daemon) -> None:
 # ----------------------------------------------------------------------------------- serve
 
 
-async def serve(cfg: DaemonConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(cfg: DaemonConfig, stop: trio.Event | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the daemon until ``stop`` is set (then say goodbye to the swarm) or until cancelled."""
     from molinkd.bridge import STAGE_PROTOCOL, serve_dial_socket
     from p2p.discovery import Discovery
     from p2p.host import NodeConfig, open_node
@@ -477,11 +478,12 @@ async def serve(cfg: DaemonConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> N
                 d.engine_state = "none"
                 _say("gateway: serving HTTP only, forwarding requests to heads")
             task_status.started(d)
-            try:
-                await trio.sleep_forever()
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(3):
-                    await d.disc.leave()
+            await (stop if stop is not None else trio.Event()).wait()
+            # graceful stop: the goodbye goes out while the host's own tasks still run
+            with trio.move_on_after(3):
+                await d.disc.leave()
+                await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
     finally:
         import shutil
 
@@ -496,17 +498,27 @@ async def _run_full(d: Daemon) -> None:
 
 
 async def _main(cfg: DaemonConfig) -> None:
+    stop = trio.Event()
     async with trio.open_nursery() as nursery:
         async def _signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async for s in sigs:
-                    _say(f"received {signal.Signals(s).name}; shutting down")
-                    nursery.cancel_scope.cancel()
-                    return
+                    if not stop.is_set():
+                        _say(f"received {signal.Signals(s).name}; leaving the swarm and shutting down")
+                        stop.set()
+                        nursery.start_soon(_hard_stop_after, 15.0, nursery.cancel_scope)
+                    else:
+                        nursery.cancel_scope.cancel()
+                        return
 
         nursery.start_soon(_signals)
-        await serve(cfg)
+        await serve(cfg, stop)
         nursery.cancel_scope.cancel()
+
+
+async def _hard_stop_after(seconds: float, scope: trio.CancelScope) -> None:
+    await trio.sleep(seconds)
+    scope.cancel()
 
 
 def _unwrap(e: BaseException) -> BaseException:

@@ -1,0 +1,111 @@
+"""Real molinkd daemons forming a swarm on loopback (gateways need no engine, so these are quick)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import Daemon, free_port
+
+
+def _wait(pred, timeout: float, what: str, step: float = 0.3):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+            if last:
+                return last
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")
+
+
+def _peer_ids(d: Daemon) -> set[str]:
+    st = d.status()
+    return {p["peer_id"] for p in st["peers"]} - {st["peer_id"]}
+
+
+def _boot_addr(d: Daemon) -> str:
+    st = _wait(lambda: d.status(), 30, "status")
+    return next(a for a in st["addrs"] if "/127.0.0.1/" in a)
+
+
+def test_gateways_join_expire_and_restart_with_same_id(tmp_path):
+    daemons: list[Daemon] = []
+    try:
+        a = Daemon(["--layers", "none"], tmp_path, name="a")
+        daemons.append(a)
+        boot = _boot_addr(a)
+        b = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="b")
+        c = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="c")
+        daemons += [b, c]
+        ids = {x.name: _wait(lambda x=x: x.status()["peer_id"], 30, "peer id") for x in (a, b, c)}
+        # every peer sees the two others within seconds (b and c learn of each other through a)
+        for x in (a, b, c):
+            others = {ids[n] for n in ids if n != x.name}
+            _wait(lambda x=x, others=others: others <= _peer_ids(x), 20, f"{x.name} to see the swarm")
+        st = b.status()
+        assert st["bootstrap"][0]["connected"] is True
+        rec = next(p for p in st["peers"] if p["peer_id"] == ids["a"])
+        assert rec["layers"] == [0, 0] and rec["model_hash"] == st["model"]["hash"]
+        # killed without a goodbye: expires from the others' tables after the TTL (~3 periods)
+        c.kill()
+        t0 = time.monotonic()
+        _wait(lambda: ids["c"] not in _peer_ids(a) and ids["c"] not in _peer_ids(b), 20, "c to expire")
+        assert time.monotonic() - t0 >= 2.0  # not instantly: it had to time out
+        # restart with the same identity file: same peer id, back in the table
+        c2 = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="c")
+        daemons.append(c2)
+        assert _wait(lambda: c2.status()["peer_id"], 30, "c2 peer id") == ids["c"]
+        _wait(lambda: ids["c"] in _peer_ids(a), 20, "c to come back")
+        # a clean stop announces "offline": removed at once, well before the TTL
+        c2.stop()
+        _wait(lambda: ids["c"] not in _peer_ids(a), 4, "c's offline record to remove it")
+    finally:
+        for x in daemons:
+            x.stop()
+
+
+def test_unreachable_bootstrap_keeps_running_and_says_so(tmp_path):
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/12D3KooWAEaJJo4KbJ1qXUmyFdTykAX4sSbTmzBHh6NdfL3CJL92"
+    d = Daemon(["--layers", "none", "--bootstrap", dead], tmp_path, name="lonely")
+    try:
+        st = _wait(lambda: (s := d.status())["bootstrap"] and s["bootstrap"][0].get("attempts", 0) >= 2 and s,
+                   30, "bootstrap retries")
+        b = st["bootstrap"][0]
+        assert b["connected"] is False and b["last_error"]
+        assert d.proc.poll() is None
+        r = httpx.post(d.url + "/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and "no head" in r.json()["error"]["message"]
+    finally:
+        d.stop()
+
+
+@pytest.mark.slow
+def test_gateway_forwards_to_head(single_node, tmp_path):
+    boot = _boot_addr(single_node)
+    g = Daemon(["--layers", "none", "--bootstrap", boot, "--api-key", single_node.api_key], tmp_path, name="gw")
+    try:
+        _wait(lambda: g.status()["ready"], 30, "gateway to find the head")
+        h = {"Authorization": f"Bearer {single_node.api_key}"}
+        body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+        direct = httpx.post(single_node.url + "/generate", json=body, headers=h, timeout=120).json()
+        via = httpx.post(g.url + "/generate", json=body, headers=h, timeout=120).json()
+        assert via == direct
+        r = httpx.post(g.url + "/v1/completions", json={**body, "stream": True}, headers=h, timeout=120)
+        lines = [x[6:] for x in r.text.splitlines() if x.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        text = "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1] if json.loads(x)["choices"])
+        assert body["prompt"] + text == direct["text"][0]
+        # errors found on the head come back with their status
+        r = httpx.post(g.url + "/generate", json={"prompt": "x", "max_tokens": 5000}, headers=h, timeout=60)
+        assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
+        st = g.status()
+        assert st["role"] == "gateway" and any(p["layers"] == [0, 30] for p in st["peers"])
+    finally:
+        g.stop()
