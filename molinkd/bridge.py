@@ -26,8 +26,11 @@ from p2p.streams import FramedStream, StreamClosed
 
 log = logging.getLogger("molinkd.bridge")
 
-STAGE_PROTOCOL = "/molink/stage/1"
-DIAL, DIAL_OK, DIAL_ERR = "p2p.dial", "p2p.dial_ok", "p2p.dial_err"
+from molinkd.engine.link import P2P_DIAL as DIAL  # noqa: E402  (one definition of the local protocol)
+from molinkd.engine.link import P2P_DIAL_OK as DIAL_OK  # noqa: E402
+from molinkd.engine.link import STAGE_PROTOCOL  # noqa: E402
+
+DIAL_ERR = "p2p.dial_err"
 CHUNK = 1 << 18
 
 

@@ -15,6 +15,10 @@ from typing import Any
 
 from p2p.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 
+# the daemon's dial socket protocol (molinkd.bridge owns the other side)
+P2P_DIAL, P2P_DIAL_OK = "p2p.dial", "p2p.dial_ok"
+STAGE_PROTOCOL = "/molink/stage/1"
+
 
 class LinkClosed(ConnectionError):
     """The other side closed the connection (or died) between frames."""
@@ -49,6 +53,8 @@ class FramedLink:
 
     @classmethod
     def connect(cls, addr: str, *, timeout: float = 10.0, **kw: Any) -> FramedLink:
+        if addr.startswith("p2p:"):
+            return cls._connect_p2p(addr[4:], timeout=timeout, **kw)
         fam, a = _family_addr(addr)
         deadline = time.monotonic() + timeout
         while True:
@@ -62,6 +68,27 @@ class FramedLink:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.1)
+
+    @classmethod
+    def _connect_p2p(cls, peer_id: str, *, timeout: float, **kw: Any) -> FramedLink:
+        """``p2p:<peer id>``: ask this machine's daemon (its dial socket, ``$MOLINK_P2P_DIAL``) for a
+        libp2p stream to that peer's stage protocol; the connection then carries it byte for byte."""
+        dial = os.environ.get("MOLINK_P2P_DIAL")
+        if not dial:
+            raise LinkClosed(f"cannot reach p2p:{peer_id}: MOLINK_P2P_DIAL is not set (run under molinkd)")
+        link = cls.connect(f"unix:{dial}", timeout=timeout, **kw)
+        link.peer = f"p2p:{peer_id}"
+        try:
+            link.send(P2P_DIAL, {"peer": peer_id, "proto": STAGE_PROTOCOL}, timeout=timeout)
+            reply = link.recv(timeout=timeout + 5)
+        except Exception:
+            link.close()
+            raise
+        if reply.type != P2P_DIAL_OK:
+            link.close()
+            msg = reply.body.get("message") if isinstance(reply.body, dict) else reply.body
+            raise LinkClosed(f"the daemon could not open a stream to {peer_id}: {msg}")
+        return link
 
     def send(self, msg_type: str, body: Any = None, *, timeout: float = 60.0) -> None:
         data = encode_frame(msg_type, body, max_size=self._max_frame)
