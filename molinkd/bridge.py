@@ -31,6 +31,8 @@ from molinkd.engine.link import P2P_DIAL_OK as DIAL_OK  # noqa: E402
 from molinkd.engine.link import STAGE_PROTOCOL  # noqa: E402
 
 DIAL_ERR = "p2p.dial_err"
+# A head probes a stage before routing through it; the stage's daemon answers from what it knows.
+PROBE, INFO = "stage.probe", "stage.info"
 CHUNK = 1 << 18
 
 
@@ -118,7 +120,7 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
 
 
 def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Callable[[str | None, str], None],
-                         on_end: Callable[[str], None]):
+                         on_end: Callable[[str], None], info_fn: Callable[[], dict]):
     """A ``/molink/stage/1`` handler piping to the local stage process.
 
     ``local_addr_fn()`` returns ``unix:/path`` of the stage process (None while it loads);
@@ -127,14 +129,18 @@ def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Ca
     """
 
     async def handler(stream: FramedStream, remote: str) -> None:
-        addr = local_addr_fn()
-        if not addr or not addr.startswith("unix:"):
-            await _reject(stream, "this stage's engine is not ready")
-            return
         try:
             first = await stream.recv(timeout=30)
         except (StreamClosed, FrameError, trio.TooSlowError) as e:
             log.info("stage stream from %s dropped before its hello: %s", remote, e)
+            return
+        if first.type == PROBE:
+            with trio.move_on_after(5):
+                await stream.send(INFO, info_fn())
+            return
+        addr = local_addr_fn()
+        if not addr or not addr.startswith("unix:"):
+            await _reject(stream, "this stage's engine is not ready")
             return
         head = None
         route = first.get("route")
@@ -157,6 +163,23 @@ def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Ca
             on_end(remote)
 
     return handler
+
+
+async def probe_stage(node: Any, peer: str, timeout: float = 5.0) -> dict:
+    """Ask a stage's daemon what it serves. Raises ValueError/ConnectionError with the reason."""
+    stream = await node.open_stream(peer, STAGE_PROTOCOL, timeout=timeout)
+    try:
+        await stream.send(PROBE, {})
+        frame = await stream.recv(timeout=timeout)
+    except trio.TooSlowError:
+        raise ConnectionError(f"no answer to a probe within {timeout}s") from None
+    except (StreamClosed, FrameError) as e:
+        raise ValueError(f"bad answer to a probe: {e}") from None
+    finally:
+        await stream.close()
+    if frame.type != INFO or not isinstance(frame.body, dict):
+        raise ValueError(f"answered a probe with {frame.type!r}")
+    return frame.body
 
 
 async def _reject(stream: FramedStream, message: str) -> None:

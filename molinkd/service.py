@@ -108,6 +108,7 @@ class Daemon:
         self.serving_head: str | None = None
         self.stage_upstreams: set[str] = set()
         self.rtts: dict[str, float] = {}
+        self.banned: dict[str, tuple[float, str, float]] = {}  # peer -> (until, reason, ban length)
         self.started = time.time()
         self.http_url = ""
         self.dial_path = str(runtime_dir / "dial.sock")
@@ -216,12 +217,26 @@ class Daemon:
             "route_error": self.route_error,
             "stages": [dict(h) for h in self.route] if self.route else [],
             "serving_head": self.serving_head,
+            "banned": {p: {"reason": why, "for_s": round(until - time.monotonic(), 1)}
+                       for p, (until, why, _) in self.banned.items() if until > time.monotonic()},
             "coverage": cov.to_dict() if cov else None,
+            "engine_rss_mb": _children_rss_mb(),
             "bootstrap": self.node.bootstrap_status() if self.node else [],
             "discovery": self.disc.stats if self.disc else {},
             "peers": peers,
             "uptime": round(time.time() - self.started, 1),
         }
+
+
+def _children_rss_mb() -> float | None:
+    """Resident memory of this daemon's engine processes (vLLM EngineCore or the stage process)."""
+    try:
+        import psutil
+
+        kids = psutil.Process().children(recursive=True)
+        return round(sum(k.memory_info().rss for k in kids if k.is_running()) / 2**20, 1)
+    except Exception:
+        return None
 
 
 def _self_record(d: Daemon) -> Any:
@@ -295,8 +310,10 @@ async def _run_head(d: Daemon) -> None:
     while True:
         me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
                        model_hash=d.model.model_hash)
+        now = time.monotonic()
+        banned = {p for p, (until, _, _) in d.banned.items() if until > now}
         try:
-            route = plan_route(me, _stage_records(d), d.model.num_layers, rtts=d.rtts)
+            route = plan_route(me, _stage_records(d), d.model.num_layers, rtts=d.rtts, banned=banned)
         except NoRouteError as e:
             d.route_error = str(e)
             d.engine_state = "waiting for route"
@@ -306,6 +323,11 @@ async def _run_head(d: Daemon) -> None:
             await trio.sleep(ROUTE_RETRY)
             continue
         d.route_error = None
+        bad = await _probe_route(d, route)
+        if bad:
+            for peer, why in bad.items():
+                _ban(d, peer, why)
+            continue
         hops = route_to_dicts(route, {h.peer_id: f"p2p:{h.peer_id}" for h in route.hops})
         pps = d.cfg.pipeline_parallel_size
         if pps is not None and pps != len(hops):
@@ -328,6 +350,37 @@ async def _run_head(d: Daemon) -> None:
         announced_wait = False
 
 
+def _ban(d: Daemon, peer: str, why: str) -> None:
+    """Route around ``peer`` for a while (30 s, doubling on repeat offences, at most 10 min)."""
+    prev = d.banned.get(peer)
+    length = min(prev[2] * 2, 600.0) if prev else 30.0
+    d.banned[peer] = (time.monotonic() + length, why, length)
+    log.warning("banning peer from routes", extra=logs.kv(peer=peer, seconds=length, reason=why))
+    _say(f"excluding peer {peer[:16]} from routes for {length:.0f}s: {why}")
+
+
+async def _probe_route(d: Daemon, route: Any) -> dict[str, str]:
+    """Probe every remote stage of ``route``; return {peer: reason} for those that fail."""
+    from molinkd.bridge import probe_stage
+
+    bad: dict[str, str] = {}
+    for hop in route.hops[1:]:
+        try:
+            info = await probe_stage(d.node, hop.peer_id)
+            if info.get("model_hash") != d.model.model_hash:
+                raise ValueError(f"serves model {str(info.get('model_hash'))[:12]}, not {d.model.short_hash}")
+            if info.get("span") != [hop.span_start, hop.span_end]:
+                raise ValueError(f"serves {info.get('span')}, announced {hop.span_start}:{hop.span_end}")
+            if not info.get("ready"):
+                raise ValueError("its engine is not ready")
+            holder = info.get("serving_head")
+            if holder and holder != d.node.peer_id:
+                raise ValueError(f"it serves another head ({str(holder)[:12]})")
+        except Exception as e:
+            bad[hop.peer_id] = f"{type(e).__name__}: {e}"
+    return bad
+
+
 async def _run_stage(d: Daemon) -> None:
     """Run the stage process for this peer's span and keep it running."""
     from molinkd.bridge import STAGE_PROTOCOL, stage_stream_handler
@@ -344,7 +397,11 @@ async def _run_stage(d: Daemon) -> None:
             d.serving_head = None
             d.disc.announce_now()
 
-    d.node.set_stream_handler(STAGE_PROTOCOL, stage_stream_handler(lambda: d.stage_addr, on_session, on_end))
+    def info() -> dict:
+        return {"peer": d.node.peer_id, "model_hash": d.model.model_hash, "span": list(d.span),
+                "ready": d.stage_addr is not None, "serving_head": d.serving_head, "version": __version__}
+
+    d.node.set_stream_handler(STAGE_PROTOCOL, stage_stream_handler(lambda: d.stage_addr, on_session, on_end, info))
     backoff = ENGINE_RESTART_BACKOFF[0]
     while True:
         sock = d.runtime_dir / "stage.sock"

@@ -1,0 +1,179 @@
+"""Distributed inference through real daemons: layer spans on different peers, hidden states over
+libp2p, routes from live announcements, HTTP on any peer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import REPO, Daemon
+from tests.integration.conftest import PROMPTS
+from tests.integration.test_daemon_swarm import _boot_addr, _wait
+
+pytestmark = pytest.mark.slow
+
+
+def _start_all(daemons: list[Daemon], timeout: float = 400) -> None:
+    for d in daemons:
+        d.wait_ready(timeout=timeout)
+
+
+def _greedy(d: Daemon, prompt: str, max_tokens: int = 24) -> str:
+    r = httpx.post(d.url + "/generate", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+                   timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["text"][0]
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_stage")
+    stage = Daemon(["--layers", "15:30"], tmp, name="stage")
+    daemons = [stage]
+    try:
+        boot = _boot_addr(stage)
+        head = Daemon(["--layers", "0:15", "--bootstrap", boot], tmp, name="head")
+        daemons.append(head)
+        _start_all([stage, head])
+        _wait(lambda: stage.status()["ready"], 60, "the stage to forward to the head")
+        yield head, stage
+    finally:
+        for d in reversed(daemons):
+            d.stop()
+
+
+def test_two_stage_greedy_equals_single_node_on_head_and_stage(two_stage, plain_vllm_outputs):
+    head, stage = two_stage
+    for prompt, expected in zip(PROMPTS, plain_vllm_outputs):
+        assert _greedy(head, prompt) == prompt + expected
+        assert _greedy(stage, prompt) == prompt + expected  # asked on a non-head peer
+    prompt, expected = PROMPTS[0], plain_vllm_outputs[0]
+    for d in (head, stage):
+        r = httpx.post(d.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                                        "stream": True}, timeout=300)
+        lines = [x[6:] for x in r.text.splitlines() if x.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        assert "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1]) == expected
+        r = httpx.post(d.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 24, "temperature": 0},
+                       timeout=300)
+        assert r.json()["choices"][0]["text"] == expected
+
+
+def test_two_stage_16_concurrent_requests(two_stage):
+    head, stage = two_stage
+    counts: list = [None] * 16
+
+    def one(i: int) -> None:
+        d = head if i % 2 == 0 else stage
+        r = httpx.post(d.url + "/v1/completions", json={"prompt": f"Story number {i}:", "max_tokens": 20,
+                                                        "ignore_eos": True, "temperature": 0.7, "seed": i},
+                       timeout=600)
+        counts[i] = r.json()["usage"]["completion_tokens"] if r.status_code == 200 else r.text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert counts == [20] * 16
+
+
+def test_two_stage_status_shows_route_and_holder(two_stage):
+    head, stage = two_stage
+    hs, ss = head.status(), stage.status()
+    assert hs["role"] == "head" and ss["role"] == "stage"
+    assert hs["route"] == [hs["peer_id"], ss["peer_id"]]
+    assert [(h["start"], h["end"]) for h in hs["stages"]] == [(0, 15), (15, 30)]
+    assert ss["serving_head"] == hs["peer_id"]
+    assert hs["coverage"]["complete"] is True
+    r = subprocess.run([sys.executable, "-m", "cli.molink", "status", "--api", head.url], capture_output=True,
+                       text=True, timeout=30, cwd=REPO)
+    assert r.returncode == 0 and "route" in r.stdout and "complete" in r.stdout
+
+
+def test_half_model_peer_uses_less_memory(two_stage, single_node):
+    _, stage = two_stage
+    full = single_node.status()["engine_rss_mb"]
+    half = stage.status()["engine_rss_mb"]
+    assert half is not None and full is not None
+    assert half < full * 0.85, (half, full)
+
+
+def test_two_heads_share_the_swarm(two_stage, tmp_path, plain_vllm_outputs):
+    """A second head and a second stage join: each head holds its own stage (one head per stage)."""
+    head1, stage1 = two_stage
+    boot = _boot_addr(stage1)
+    stage2 = Daemon(["--layers", "15:30", "--bootstrap", boot], tmp_path, name="stage2")
+    head2 = None
+    try:
+        stage2.wait_ready(timeout=400)
+        head2 = Daemon(["--layers", "0:15", "--bootstrap", boot], tmp_path, name="head2")
+        head2.wait_ready(timeout=400)
+        s1, s2 = stage1.status()["peer_id"], stage2.status()["peer_id"]
+        assert head1.status()["route"][1] == s1
+        assert head2.status()["route"][1] == s2
+        results: dict = {}
+
+        def run(d: Daemon, key: str) -> None:
+            results[key] = [_greedy(d, p) for p in PROMPTS[:3]]
+
+        threads = [threading.Thread(target=run, args=(d, k)) for d, k in ((head1, "h1"), (head2, "h2"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        expected = [p + e for p, e in zip(PROMPTS[:3], plain_vllm_outputs[:3])]
+        assert results["h1"] == expected and results["h2"] == expected
+    finally:
+        if head2 is not None:
+            head2.stop()
+        stage2.stop()
+
+
+def test_three_stages_with_spare_and_a_garbage_peer(tmp_path, model_dir, plain_vllm_outputs):
+    """0:10, two peers on 10:20, 20:30, and an evil peer announcing 10:20 that answers garbage:
+    the head tries it (it claims to be fastest), bans it, and routes through one real 10:20 peer;
+    the other is a spare."""
+    daemons: list[Daemon] = []
+    evil = None
+    try:
+        c = Daemon(["--layers", "20:30"], tmp_path, name="c")
+        daemons.append(c)
+        boot = _boot_addr(c)
+        b1 = Daemon(["--layers", "10:20", "--bootstrap", boot], tmp_path, name="b1")
+        b2 = Daemon(["--layers", "10:20", "--bootstrap", boot], tmp_path, name="b2")
+        daemons += [b1, b2]
+        _start_all([c, b1, b2])
+        model_hash = c.status()["model"]["hash"]
+        evil = subprocess.Popen([sys.executable, str(REPO / "tests/integration/evil_peer.py"), boot, model_hash,
+                                 "10", "20", "600"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        line = evil.stdout.readline()
+        assert line.startswith("READY"), line
+        evil_id = line.split()[1]
+        _wait(lambda: evil_id in {p["peer_id"] for p in c.status()["peers"]}, 20, "the evil peer to be seen")
+        a = Daemon(["--layers", "0:10", "--bootstrap", boot], tmp_path, name="a")
+        daemons.append(a)
+        a.wait_ready(timeout=500)
+        st = a.status()
+        ids = {x.name: x.status()["peer_id"] for x in (b1, b2, c)}
+        route = st["route"]
+        assert len(route) == 3 and route[0] == st["peer_id"] and route[2] == ids["c"]
+        assert route[1] in (ids["b1"], ids["b2"]) and evil_id not in route
+        assert evil_id in st["banned"]
+        spare = b2 if route[1] == ids["b1"] else b1
+        assert spare.status()["serving_head"] is None
+        for prompt, expected in zip(PROMPTS[:2], plain_vllm_outputs[:2]):
+            assert _greedy(a, prompt) == prompt + expected
+            assert _greedy(spare, prompt) == prompt + expected  # the spare answers HTTP too (forwards)
+    finally:
+        if evil is not None:
+            evil.kill()
+            evil.wait(timeout=10)
+        for d in reversed(daemons):
+            d.stop()
