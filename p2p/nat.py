@@ -38,8 +38,13 @@ Traps found in py-libp2p 0.8.1 (see also design.md section 6):
 * DCUtR binds its hole-punch dials to the first TCP address of ``host.get_addrs()``.
   With ``new_host(announce_addrs=...)`` that is an address we do not own (bind fails
   with EADDRNOTAVAIL). Use :func:`announce_addrs_factory` instead of ``announce_addrs``.
-* A relay answers the first unsolicited SYN of a hole punch with a RST if the NAT
-  router does (Linux routers without an INPUT DROP rule): the lab drops them.
+* ``RelayLimits(data=0)`` is not "unlimited": the per-reservation fallback resets the
+  circuit on its first byte. :attr:`NatConfig.circuit_data` defaults to 1 TiB.
+* TCP hole punching fails if the NAT router answers the first (unsolicited) SYN with a
+  RST, as a Linux router without an INPUT DROP rule does; real home routers drop it.
+* With ``max_connections_per_peer=1`` (p2p.host), the swarm trims a peer's older
+  connection when the hole-punched one arrives, even if streams are open on it:
+  streams opened over the relay just before the upgrade can end with StreamEOF.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ log = logging.getLogger(__name__)
 
 DIALBACK_PROTOCOL = "/molink/dialback/1.0.0"
 MAX_DIALBACK_ADDRS = 8
+DIALBACK_MIN_INTERVAL = 1.5  # seconds between two dial-back requests served per peer
 _DIALBACK_FRAME = 8192
 
 
@@ -192,6 +198,7 @@ class NatService:
         self._reservations: dict[ID, tuple[float, list[str]]] = {}  # relay -> (expiry, circuit addrs)
         self._relay_backoff: dict[ID, float] = {}
         self._relay_failures: dict[ID, int] = {}
+        self._dialback_served: dict[ID, float] = {}  # requester -> last time (rate limit)
         self._changed = trio.Event()
         self.events: list[tuple[float, str, str]] = []  # (time, event, detail), bounded
 
@@ -353,8 +360,15 @@ class NatService:
     async def _handle_dialback(self, stream: Any) -> None:
         fs = FramedStream(stream, max_frame=_DIALBACK_FRAME, peer="dialback")
         try:
-            req = await fs.recv(timeout=5)
             requester = stream.muxed_conn.peer_id
+            now = time.monotonic()
+            if now - self._dialback_served.get(requester, -1e9) < DIALBACK_MIN_INTERVAL:
+                await fs.send("dialback-result", {"ok": [], "error": "rate limited"})
+                return
+            if len(self._dialback_served) > 4096:
+                self._dialback_served.clear()
+            self._dialback_served[requester] = now
+            req = await fs.recv(timeout=5)
             conn_addrs = _conn_addrs(stream.muxed_conn)
             observed_ip = _ip_of(multiaddr.Multiaddr(conn_addrs[0])) if conn_addrs else None
             if not conn_addrs or any(is_circuit(a) for a in conn_addrs) or observed_ip is None:

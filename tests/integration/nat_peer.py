@@ -135,7 +135,7 @@ async def main(a: argparse.Namespace) -> None:
                 await trio.sleep(0.1)
         # final check: a stream still works on whatever connection we ended with
         final = {}
-        for pid in [p for p in table if p not in bootstrap_ids]:
+        for pid in sorted((set(table) | answered) - bootstrap_ids):
             try:
                 with trio.fail_after(10):
                     fs = await node.open_stream(pid, ECHO, table.get(pid, []), timeout=10)
