@@ -62,7 +62,18 @@ def render(st: dict) -> str:
     if route:
         lines.append("route    " + " -> ".join(_short(p) for p in route))
         for s in st.get("stages") or []:
-            lines.append(f"  stage {_short(s.get('peer_id'))} {s.get('span')} step {s.get('step_ms', '-')} ms")
+            step = s.get("step_ms")
+            lines.append(f"  stage {_short(s.get('peer'))} layers {s.get('start')}:{s.get('end')}"
+                         + (f"  step {step:.1f} ms" if isinstance(step, (int, float)) else ""))
+    elif st.get("route_error"):
+        lines.append(f"route    none yet: {st['route_error']}")
+    nat = st.get("nat") or {}
+    if nat:
+        lines.append(f"nat      reachability {nat.get('reachability')}"
+                     + (f", relays {', '.join(_short(r) for r in nat.get('reservations') or {})}"
+                        if nat.get("reservations") else ""))
+    for p, b in (st.get("banned") or {}).items():
+        lines.append(f"banned   {_short(p)} for {b.get('for_s')}s: {b.get('reason')}")
     peers = st.get("peers") or []
     lines.append("")
     hdr = f"{'PEER':16} {'SPAN':8} {'LOAD':>5} {'TOK/S':>7} {'RTT ms':>7} {'SEEN':>6}  ADDRS"

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"peer identity key, created if missing (default {config_dir() / 'identity.key'})")
     g.add_argument("--swarm-key", type=_existing_file, default=None, metavar="FILE",
                    help="private swarm: only peers with the same key file can connect")
+    g.add_argument("--reachability", choices=["auto", "public", "private"], default="auto",
+                   help="auto: peers dial back to find out; public: serve as a relay (bootstrap machines); "
+                        "private: always reserve relay slots")
     g = j.add_argument_group("HTTP API")
     g.add_argument("--http", type=_hostport, default=DEFAULT_HTTP, metavar="HOST:PORT",
                    help=f"HTTP API address (default {DEFAULT_HTTP})")
@@ -179,6 +182,7 @@ def parse_config(argv: list[str]) -> DaemonConfig:
         http=args.http,
         swarm_key=args.swarm_key,
         api_key=args.api_key,
+        reachability=args.reachability,
         dtype={"half": "float16", "float": "float32"}.get(args.dtype, args.dtype),
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,

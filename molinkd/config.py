@@ -28,6 +28,7 @@ class DaemonConfig:
     identity: Path = dataclasses.field(default_factory=lambda: config_dir() / "identity.key")
     swarm_key: Path | None = None
     api_key: str | None = None
+    reachability: str = "auto"  # auto | public | private
     # engine
     dtype: str = "auto"
     max_model_len: int | None = 2048

@@ -96,6 +96,7 @@ class Daemon:
         self.span: tuple[int, int] = (0, 0) if layers == "auto" else layers  # type: ignore[assignment]
         self.auto = layers == "auto"
         self.node: Any = None
+        self.nat: Any = None
         self.disc: Any = None
         self.engine: LocalEngine | None = None
         self.backend: LocalBackend | None = None
@@ -222,6 +223,7 @@ class Daemon:
             "coverage": cov.to_dict() if cov else None,
             "engine_rss_mb": _children_rss_mb(),
             "bootstrap": self.node.bootstrap_status() if self.node else [],
+            "nat": self.nat.status() if self.nat else None,
             "discovery": self.disc.stats if self.disc else {},
             "peers": peers,
             "uptime": round(time.time() - self.started, 1),
@@ -512,6 +514,10 @@ async def serve(cfg: DaemonConfig, stop: trio.Event | None = None, *, task_statu
                                    "choose another --http") from e
             d.http_url = urls[0] if urls else f"http://{cfg.http}"
             _say(f"HTTP API on {d.http_url} (model {model.name}, hash {model.short_hash})")
+            from p2p import nat
+
+            d.nat = await nursery.start(nat.run_nat_services, node, nat.NatConfig(
+                reachability=cfg.reachability, announce=tuple(cfg.announce)))
             d.disc = Discovery(node, model.model_hash, d.record_fields, period=cfg.announce_period)
             await nursery.start(d.disc.run)
             d.remote = RemoteBackend(node, model.name, model.model_hash, d.head_candidates)
