@@ -469,6 +469,30 @@ async def _choose_auto_span(d: Daemon) -> None:
     d.disc.announce_now()
 
 
+async def _supervise_nat(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """NAT traversal services (relay, reservations, hole punching); restarted if they ever fail,
+    never fatal: a peer without NAT traversal still serves whoever can reach it."""
+    from p2p import nat
+
+    config = nat.NatConfig(reachability=d.cfg.reachability, announce=tuple(d.cfg.announce))
+    started, delay = False, 2.0
+    while True:
+        try:
+            async with trio.open_nursery() as nursery:
+                d.nat = await nursery.start(nat.run_nat_services, d.node, config)
+                if not started:
+                    started = True
+                    task_status.started()
+        except Exception as e:  # noqa: BLE001
+            d.nat = None
+            log.warning("NAT services failed; restarting", extra=logs.kv(error=f"{type(e).__name__}: {e}"))
+            if not started:
+                started = True
+                task_status.started()
+            await trio.sleep(delay)
+            delay = min(delay * 2, 120.0)
+
+
 async def _rtt_loop(d: Daemon) -> None:
     while True:
         peers = [r.peer_id for r in d.disc.snapshot() if r.online][:16]
@@ -514,10 +538,7 @@ async def serve(cfg: DaemonConfig, stop: trio.Event | None = None, *, task_statu
                                    "choose another --http") from e
             d.http_url = urls[0] if urls else f"http://{cfg.http}"
             _say(f"HTTP API on {d.http_url} (model {model.name}, hash {model.short_hash})")
-            from p2p import nat
-
-            d.nat = await nursery.start(nat.run_nat_services, node, nat.NatConfig(
-                reachability=cfg.reachability, announce=tuple(cfg.announce)))
+            await nursery.start(_supervise_nat, d)
             d.disc = Discovery(node, model.model_hash, d.record_fields, period=cfg.announce_period)
             await nursery.start(d.disc.run)
             d.remote = RemoteBackend(node, model.name, model.model_hash, d.head_candidates)

@@ -489,7 +489,10 @@ class NatService:
         for pid in self._direct_peers():
             if pid in known:
                 continue
-            addrs = [c for c in self.host.get_peerstore().addrs(pid) if not is_circuit(c)]
+            try:
+                addrs = [c for c in self.host.get_peerstore().addrs(pid) if not is_circuit(c)]
+            except Exception:  # PeerStoreError: the peer left between the two calls
+                continue
             out.append((pid, addrs))
         return out
 
@@ -616,8 +619,8 @@ async def run_nat_services(
             async with trio.open_nursery() as nursery:
                 if svc.dcutr is not None:
                     await nursery.start(_run_service, svc.dcutr)
-                nursery.start_soon(svc._reachability_loop)
-                nursery.start_soon(svc._reservation_loop)
+                nursery.start_soon(_resilient, "reachability", svc._reachability_loop)
+                nursery.start_soon(_resilient, "reservations", svc._reservation_loop)
                 task_status.started(svc)
                 await trio.sleep_forever()
     finally:
@@ -630,6 +633,19 @@ async def run_nat_services(
                 host.remove_stream_handler(HOP_PROTOCOL_ID)
         except Exception:
             pass
+
+
+async def _resilient(name: str, loop: Callable[[], Any]) -> None:
+    """Run a NAT maintenance loop forever: a bug or a library surprise in one iteration is logged
+    and the loop restarts after a pause; it never takes the daemon down."""
+    delay = 1.0
+    while True:
+        try:
+            await loop()
+        except Exception as e:  # noqa: BLE001
+            log.warning("NAT %s loop failed (%s: %s); restarting in %.0fs", name, type(e).__name__, e, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
 
 async def _run_service(service: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -105,6 +105,7 @@ def test_half_model_peer_uses_less_memory(two_stage, single_node):
     assert half < full * 0.85, (half, full)
 
 
+@pytest.mark.timeout(1800)
 def test_two_heads_share_the_swarm(two_stage, tmp_path, plain_vllm_outputs):
     """A second head and a second stage join: each head holds its own stage (one head per stage)."""
     head1, stage1 = two_stage
@@ -136,6 +137,7 @@ def test_two_heads_share_the_swarm(two_stage, tmp_path, plain_vllm_outputs):
         stage2.stop()
 
 
+@pytest.mark.timeout(1800)
 def test_three_stages_with_spare_and_a_garbage_peer(tmp_path, model_dir, plain_vllm_outputs):
     """0:10, two peers on 10:20, 20:30, and an evil peer announcing 10:20 that answers garbage:
     the head tries it (it claims to be fastest), bans it, and routes through one real 10:20 peer;
