@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from molinkd.config import DEFAULT_HTTP, DEFAULT_P2P_PORT, DaemonConfig, config_dir
 
@@ -61,24 +62,22 @@ def _hostport(v: str) -> str:
     return v
 
 
-def _pos_int(v: str) -> int:
+def _number(v: str, kind: type, minimum: float, strict: bool) -> Any:
     try:
-        n = int(v)
+        x = kind(v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{v!r}: must be at least 1")
-    return n
+        raise argparse.ArgumentTypeError(f"{v!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if x < minimum or (strict and x == minimum):
+        raise argparse.ArgumentTypeError(f"{v!r}: must be {'greater than' if strict else 'at least'} {minimum}")
+    return x
+
+
+def _pos_int(v: str) -> int:
+    return _number(v, int, 1, strict=False)
 
 
 def _pos_float(v: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"{v!r}: must be greater than 0")
-    return x
+    return _number(v, float, 0, strict=True)
 
 
 def _fraction(v: str) -> float:

@@ -254,6 +254,11 @@ def _chat_logprobs(entries: list) -> dict:
     return {"content": content}
 
 
+def _envelope(rid: str, obj: str, model: str, choices: list, usage: dict) -> dict:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage}
+
+
 async def _generate_final(events: AsyncIterator[dict], req: GenerationRequest) -> dict:
     acc = _Acc()
     async for ev in events:
@@ -288,14 +293,7 @@ async def _completion_final(events: AsyncIterator[dict], req: GenerationRequest,
         if "logprobs" in req.sampling:
             lp = _completion_logprobs(acc.logprobs[i], len(acc.prompt) if req.echo else 0)
         choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": acc.finish[i]})
-    return {
-        "id": f"cmpl-{req.request_id}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": acc.usage,
-    }
+    return _envelope(f"cmpl-{req.request_id}", "text_completion", model, choices, acc.usage)
 
 
 async def _completion_stream(events: AsyncIterator[dict], req: GenerationRequest, model: str, opts: dict):
@@ -342,14 +340,7 @@ async def _chat_final(events: AsyncIterator[dict], req: GenerationRequest, model
             "logprobs": lp,
             "finish_reason": acc.finish[i],
         })
-    return {
-        "id": f"chatcmpl-{req.request_id}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": acc.usage,
-    }
+    return _envelope(f"chatcmpl-{req.request_id}", "chat.completion", model, choices, acc.usage)
 
 
 async def _chat_stream(events: AsyncIterator[dict], req: GenerationRequest, model: str, opts: dict):

@@ -246,25 +246,7 @@ def _prompt(body: dict, key: str = "prompt") -> tuple[str | None, list[int] | No
     raise bad(f"'{key}' must be a string or a list of token ids", key)
 
 
-def parse_generate(body: Any) -> GenerationRequest:
-    """vLLM demo server ``POST /generate``: prompt + SamplingParams fields at the top level."""
-    body = _body_dict(body)
-    prompt, ids = _prompt(body)
-    s = _common_sampling(body)
-    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
-    if logprobs is not None:
-        s["logprobs"] = logprobs
-    return GenerationRequest(
-        kind="generate",
-        prompt=prompt,
-        prompt_token_ids=ids,
-        sampling=s,
-        max_tokens=_int(body, "max_tokens", 16, 1),
-        stream=_bool(body, "stream", False),
-    )
-
-
-def parse_completion(body: Any) -> GenerationRequest:
+def _parse_prompt_request(body: Any, kind: str) -> GenerationRequest:
     body = _body_dict(body)
     _check_model(body)
     prompt, ids = _prompt(body)
@@ -273,14 +255,24 @@ def parse_completion(body: Any) -> GenerationRequest:
     if logprobs is not None:
         s["logprobs"] = logprobs
     return GenerationRequest(
-        kind="completion",
+        kind=kind,
         prompt=prompt,
         prompt_token_ids=ids,
         sampling=s,
         max_tokens=_int(body, "max_tokens", 16, 1),
         stream=_bool(body, "stream", False),
-        echo=_bool(body, "echo", False),
+        echo=_bool(body, "echo", False) if kind == "completion" else False,
     )
+
+
+def parse_generate(body: Any) -> GenerationRequest:
+    """vLLM demo server ``POST /generate``: prompt + SamplingParams fields at the top level."""
+    return _parse_prompt_request(body, "generate")
+
+
+def parse_completion(body: Any) -> GenerationRequest:
+    """OpenAI ``POST /v1/completions``."""
+    return _parse_prompt_request(body, "completion")
 
 
 def _check_messages(messages: Any) -> list[dict]:
