@@ -22,6 +22,7 @@ process, so everything it needs travels inside the config).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -114,7 +115,10 @@ class PipelineExecutor(Executor):
         self._lock = threading.Lock()
         self._control: queue.Queue = queue.Queue()
         self._step_ids = itertools.count(1)
-        self._pending: tuple[int, dict, dict | None, Any] | None = None
+        # steps run locally but not yet sent, oldest first: (step, body); a body with
+        # sample=True waits for sample_tokens (it needs the grammar output), empty steps queued
+        # behind it keep their order (stages must see finished requests after that step)
+        self._unsent: collections.deque[tuple[int, dict]] = collections.deque()
         self._last_send = time.monotonic()
         self._stop = threading.Event()
         self.stats = {"steps": 0, "bytes_out": 0}
@@ -212,12 +216,16 @@ class PipelineExecutor(Executor):
         hidden = self.worker.mailbox.take_outbox()
         wire_hidden = None if hidden is None else {k: to_wire(v) for k, v in hidden.items()}
         if scheduler_output.total_num_scheduled_tokens == 0:
-            self._send(wire.STEP, {"step": step, "sched": sched, "grammar": None, "hidden": None, "sample": False})
+            body = {"step": step, "sched": sched, "grammar": None, "hidden": None, "sample": False}
+            if self._unsent:
+                self._unsent.append((step, body))
+            else:
+                self._send(wire.STEP, body)
             result = out
         else:
             if wire_hidden is None:
                 raise PipelineError("stage 0 produced no hidden states for a non-empty step")
-            self._pending = (step, sched, wire_hidden, scheduler_output)
+            self._unsent.append((step, {"step": step, "sched": sched, "grammar": None, "hidden": wire_hidden, "sample": True}))
             result = None
         if non_block:
             fut: Future = Future()
@@ -228,22 +236,17 @@ class PipelineExecutor(Executor):
     def sample_tokens(self, grammar_output: Any, non_block: bool = False) -> Any:  # type: ignore[override]
         from molinkd.engine import schedwire, wire
 
-        if self._pending is None:
+        if not self._unsent or not self._unsent[0][1]["sample"]:
             raise PipelineError("sample_tokens called without a preceding non-empty execute_model")
-        step, sched, hidden, _ = self._pending
-        self._pending = None
+        step, body = self._unsent.popleft()
+        body["grammar"] = schedwire.encode_grammar_output(grammar_output)
         fut: Future = Future()
         with self._lock:
             self._futures[step] = (fut, time.monotonic() + self.step_timeout)
-        body = {
-            "step": step,
-            "sched": sched,
-            "grammar": schedwire.encode_grammar_output(grammar_output),
-            "hidden": hidden,
-            "sample": True,
-        }
         try:
             self._send(wire.STEP, body)
+            while self._unsent and not self._unsent[0][1]["sample"]:
+                self._send(wire.STEP, self._unsent.popleft()[1])
         except Exception as e:
             self._fail(f"sending step {step} failed: {e}")
         self.stats["steps"] += 1
