@@ -16,6 +16,7 @@ Every role answers HTTP; a peer whose engine cannot answer forwards to a head ov
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -113,6 +114,19 @@ class Daemon:
         self.started = time.time()
         self.http_url = ""
         self.dial_path = str(runtime_dir / "dial.sock")
+        self.stats_path = str(runtime_dir / "pipeline-stats.json")
+
+    def route_stats(self) -> tuple[list[dict], dict]:
+        """The route's stages with their measured step times (from the head executor's stats)."""
+        if not self.route:
+            return [], {}
+        try:
+            stats = json.loads(Path(self.stats_path).read_text())
+        except (OSError, ValueError):
+            stats = {}
+        stage_ms = stats.get("stage_ms") or {}
+        stages = [dict(h, step_ms=stage_ms.get(h["peer"])) for h in self.route]
+        return stages, {"round_trip_ms": stats.get("round_trip_ms"), "steps": stats.get("steps", 0)}
 
     # -- role ---------------------------------------------------------------------------------
 
@@ -216,7 +230,8 @@ class Daemon:
             "http": self.http_url,
             "route": [h["peer"] for h in self.route] if self.route else None,
             "route_error": self.route_error,
-            "stages": [dict(h) for h in self.route] if self.route else [],
+            "stages": self.route_stats()[0],
+            "pipeline": self.route_stats()[1],
             "serving_head": self.serving_head,
             "banned": {p: {"reason": why, "for_s": round(until - time.monotonic(), 1)}
                        for p, (until, why, _) in self.banned.items() if until > time.monotonic()},
@@ -338,7 +353,7 @@ async def _run_head(d: Daemon) -> None:
             _say(f"warning: --pipeline-parallel-size {pps} but the route has {len(hops)} stages; using the route")
         d.route = hops
         _say("route: " + " -> ".join(f"{h['peer'][:12]}[{h['start']}:{h['end']})" for h in hops))
-        kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash)
+        kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path)
         extra_env = (("MOLINK_P2P_DIAL", d.dial_path),)
         try:
             await _run_engine(d, extra={"extra_kwargs": tuple(kwargs.items()), "extra_env": extra_env})

@@ -50,6 +50,7 @@ def pipeline_engine_kwargs(
     connect_timeout: float = 30.0,
     open_timeout: float = 300.0,
     keepalive: float = 10.0,
+    stats_path: str = "",
 ) -> dict:
     """Extra ``EngineArgs``/``LLM`` keyword arguments that make the engine a pipeline head.
 
@@ -75,6 +76,7 @@ def pipeline_engine_kwargs(
         "connect_timeout": connect_timeout,
         "open_timeout": open_timeout,
         "keepalive": keepalive,
+        "stats_path": stats_path,
     }
     return {
         "distributed_executor_backend": PipelineExecutor,
@@ -83,6 +85,53 @@ def pipeline_engine_kwargs(
         "enforce_eager": True,
         "async_scheduling": False,
     }
+
+
+class StepStats:
+    """Moving averages of per-stage compute time and of the remote round trip, written as JSON to
+    ``path`` (at most once a second) for the daemon's /status. Thread-safe enough: one writer per
+    field, readers only read the file."""
+
+    def __init__(self, path: str, alpha: float = 0.2) -> None:
+        self.path = path
+        self.alpha = alpha
+        self.stage_ms: dict[str, float] = {}
+        self.round_trip_ms: float | None = None
+        self.steps = 0
+        self._last_write = 0.0
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.alpha * (new - old)
+
+    def record(self, peer: str, ms: float) -> None:
+        self.stage_ms[peer] = self._ewma(self.stage_ms.get(peer), ms)
+
+    def record_result(self, timings: Any, sent_at: float | None) -> None:
+        self.steps += 1
+        if isinstance(timings, list):
+            for item in timings[:64]:
+                if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(
+                        item[1], (int, float)):
+                    self.record(item[0], float(item[1]))
+        if sent_at is not None:
+            self.round_trip_ms = self._ewma(self.round_trip_ms, (time.perf_counter() - sent_at) * 1000)
+        self._maybe_write()
+
+    def _maybe_write(self) -> None:
+        now = time.monotonic()
+        if not self.path or now - self._last_write < 1.0:
+            return
+        self._last_write = now
+        import json
+
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"stage_ms": {k: round(v, 2) for k, v in self.stage_ms.items()},
+                           "round_trip_ms": round(self.round_trip_ms or 0.0, 2), "steps": self.steps}, fh)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
 
 
 class PipelineError(RuntimeError):
@@ -122,6 +171,8 @@ class PipelineExecutor(Executor):
         self._last_send = time.monotonic()
         self._stop = threading.Event()
         self.stats = {"steps": 0, "bytes_out": 0}
+        self._sent_at: dict[int, float] = {}
+        self.step_stats = StepStats(cfg.get("stats_path") or "")
 
         head = self.route[0]
         t0 = time.monotonic()
@@ -212,7 +263,9 @@ class PipelineExecutor(Executor):
         self.check_health()
         step = next(self._step_ids)
         sched = schedwire.encode_scheduler_output(scheduler_output)
+        t0 = time.perf_counter()
         out = self.worker.execute_model(scheduler_output)
+        self.step_stats.record(self.route[0]["peer"], (time.perf_counter() - t0) * 1000)
         hidden = self.worker.mailbox.take_outbox()
         wire_hidden = None if hidden is None else {k: to_wire(v) for k, v in hidden.items()}
         if scheduler_output.total_num_scheduled_tokens == 0:
@@ -243,6 +296,7 @@ class PipelineExecutor(Executor):
         fut: Future = Future()
         with self._lock:
             self._futures[step] = (fut, time.monotonic() + self.step_timeout)
+            self._sent_at[step] = time.perf_counter()
         try:
             self._send(wire.STEP, body)
             while self._unsent and not self._unsent[0][1]["sample"]:
@@ -339,6 +393,8 @@ class PipelineExecutor(Executor):
                 if entry is None:
                     log.warning("result for unknown step %r", step)
                     continue
+                sent = self._sent_at.pop(step, None)
+                self.step_stats.record_result(f.get("timings"), sent)
                 try:
                     entry[0].set_result(schedwire.decode_model_runner_output(f.get("output")))
                 except Exception as e:

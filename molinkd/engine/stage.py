@@ -415,6 +415,7 @@ class StageServer:
         from p2p.tensors import from_wire, to_wire
 
         wire.check_step_body(b)
+        t0 = time.perf_counter()
         so = schedwire.decode_scheduler_output(b["sched"])
         w = self.worker
         if b.get("hidden"):
@@ -426,6 +427,7 @@ class StageServer:
             if so.total_num_scheduled_tokens > 0 and hidden is None:
                 raise SessionError("the model produced no hidden states for a non-empty step")
             b["hidden"] = None if hidden is None else {k: to_wire(v) for k, v in hidden.items()}
+            self._add_timing(b, t0)
             down.send(wire.STEP, b)
             return
         if not b["sample"]:
@@ -434,7 +436,16 @@ class StageServer:
             out = w.sample_tokens(schedwire.decode_grammar_output(b.get("grammar")))
         if hasattr(out, "get_output"):
             out = out.get_output()
-        up.send(wire.RESULT, {"step": b["step"], "output": schedwire.encode_model_runner_output(out)})
+        self._add_timing(b, t0)
+        up.send(wire.RESULT, {"step": b["step"], "output": schedwire.encode_model_runner_output(out),
+                              "timings": b["timings"]})
+
+    def _add_timing(self, b: dict, t0: float) -> None:
+        """Append this stage's compute time to the step (the head shows per-stage step times)."""
+        timings = b.get("timings")
+        if not isinstance(timings, list):
+            timings = b["timings"] = []
+        timings.append([self.peer_id, round((time.perf_counter() - t0) * 1000, 3)])
 
 
 def _relay_replies(down: Any, up: Any) -> None:

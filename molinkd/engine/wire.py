@@ -125,6 +125,9 @@ def check_step_body(b: Any) -> dict:
     require(b, "sample", bool)
     if b.get("hidden") is not None and not isinstance(b["hidden"], dict):
         raise FrameError("field 'hidden' must be a map of tensors or None")
+    t = b.get("timings")
+    if t is not None and (not isinstance(t, list) or len(t) > 64):
+        raise FrameError("field 'timings' must be a list of at most 64 [peer, ms] pairs")
     if b.get("grammar") is not None and not isinstance(b["grammar"], dict):
         raise FrameError("field 'grammar' must be a map or None")
     return b

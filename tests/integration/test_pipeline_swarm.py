@@ -90,6 +90,8 @@ def test_two_stage_status_shows_route_and_holder(two_stage):
     assert hs["role"] == "head" and ss["role"] == "stage"
     assert hs["route"] == [hs["peer_id"], ss["peer_id"]]
     assert [(h["start"], h["end"]) for h in hs["stages"]] == [(0, 15), (15, 30)]
+    assert all(isinstance(h["step_ms"], float) and h["step_ms"] > 0 for h in hs["stages"]), hs["stages"]
+    assert hs["pipeline"]["steps"] > 0 and hs["pipeline"]["round_trip_ms"] > 0
     assert ss["serving_head"] == hs["peer_id"]
     assert hs["coverage"]["complete"] is True
     r = subprocess.run([sys.executable, "-m", "cli.molink", "status", "--api", head.url], capture_output=True,
