@@ -67,7 +67,9 @@ class Daemon:
             try:
                 st = self.status()
                 last = st
-                if (st.get("engine") or {}).get("state") == "ready" or st.get("ready"):
+                engine_ready = (st.get("engine") or {}).get("state") == "ready"
+                # heads and full nodes: their own engine; stages: their stage process; gateways: a head
+                if engine_ready if st.get("role") in ("full", "head", None) else st.get("ready"):
                     return st
                 if (st.get("engine") or {}).get("state") == "failed":
                     raise RuntimeError(f"daemon {self.name} engine failed:\n{self.log_tail()}")
