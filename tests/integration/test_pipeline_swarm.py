@@ -4,6 +4,8 @@ libp2p, routes from live announcements, HTTP on any peer."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -133,6 +135,14 @@ def test_two_heads_share_the_swarm(two_stage, tmp_path, plain_vllm_outputs):
             t.join(timeout=600)
         expected = [p + e for p, e in zip(PROMPTS[:3], plain_vllm_outputs[:3])]
         assert results["h1"] == expected and results["h2"] == expected
+        # a daemon killed outright takes its stage process with it (no orphaned model in memory)
+        import psutil
+
+        kids = psutil.Process(stage2.proc.pid).children(recursive=True)
+        assert kids
+        os.kill(stage2.proc.pid, signal.SIGKILL)
+        gone, alive = psutil.wait_procs(kids, timeout=15)
+        assert not alive, alive
     finally:
         if head2 is not None:
             head2.stop()
