@@ -38,15 +38,27 @@ def _serving_layers(v: str) -> str:
 
 
 def _initial_peer(v: str) -> str:
-    """The reference's ``IP:PORT`` or a multiaddr."""
+    """The reference's ``IP:PORT``, here ``IP:PORT/PEER_ID`` (libp2p authenticates the peer, so its
+    id is part of the address), or a full multiaddr."""
     if v.startswith("/"):
-        return _multiaddr(v)
-    m = re.match(r"^([\w.\-]+):(\d+)$", v)
+        return _bootstrap(v)
+    m = re.match(r"^([\w.\-]+):(\d+)(?:/(?:p2p/)?(\w+))?$", v)
     if not m:
-        raise argparse.ArgumentTypeError(f"{v!r}: expected a multiaddr (/ip4/1.2.3.4/tcp/8468/p2p/...) or IP:PORT")
-    host, port = m.groups()
+        raise argparse.ArgumentTypeError(f"{v!r}: expected IP:PORT/PEER_ID or a multiaddr (/ip4/1.2.3.4/tcp/8468/p2p/...)")
+    host, port, peer = m.groups()
+    if not peer:
+        raise argparse.ArgumentTypeError(
+            f"{v!r}: add the peer's id (IP:PORT/PEER_ID): the peer prints it at start, and /status shows it")
     proto = "ip4" if re.match(r"^\d+\.\d+\.\d+\.\d+$", host) else "dns4"
-    return f"/{proto}/{host}/tcp/{port}"
+    return f"/{proto}/{host}/tcp/{port}/p2p/{peer}"
+
+
+def _bootstrap(v: str) -> str:
+    v = _multiaddr(v)
+    if "/p2p/" not in v:
+        raise argparse.ArgumentTypeError(
+            f"{v!r}: a bootstrap address needs the peer id (.../p2p/12D3KooW...), as the peer prints it at start")
+    return v
 
 
 def _multiaddr(v: str) -> str:
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-parallel-size", type=_pos_int, default=None, metavar="N",
                    help="accepted for the reference's users; checked against the route found")
     g = j.add_argument_group("network")
-    g.add_argument("--bootstrap", type=_multiaddr, action="append", default=[], metavar="MULTIADDR",
+    g.add_argument("--bootstrap", type=_bootstrap, action="append", default=[], metavar="MULTIADDR",
                    help="a peer to join through (repeatable), as printed by that peer at start")
     g.add_argument("--initial-peer", type=_initial_peer, action="append", default=[], metavar="ADDR",
                    help="the reference's spelling of --bootstrap (IP:PORT or multiaddr)")

@@ -8,6 +8,7 @@ here (a head) or forward to a head over libp2p: the HTTP side does not care.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -76,7 +77,7 @@ def create_app(
     async def _auth():
         if api_key and request.path not in ("/health",):
             got = request.headers.get("Authorization", "")
-            if got != f"Bearer {api_key}":
+            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
                 return _error(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'"))
         return None
 

@@ -91,6 +91,14 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
     listener = trio.SocketListener(sock)
 
     async def handle(conn: trio.SocketStream) -> None:
+        try:
+            await _dial_for(conn)
+        except Exception as e:  # a local process dying mid-dial must never take the daemon down
+            log.info("dial socket connection ended: %s: %s", type(e).__name__, e)
+            with contextlib.suppress(Exception):
+                await conn.aclose()
+
+    async def _dial_for(conn: trio.SocketStream) -> None:
         raw = _TrioRaw(conn)
         local = FramedStream(raw, peer="engine")
         try:
@@ -111,7 +119,12 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
                 await local.send(DIAL_ERR, {"message": f"cannot reach {peer}: {e}"})
             await raw.close()
             return
-        await local.send(DIAL_OK, {})
+        try:
+            await local.send(DIAL_OK, {})
+        except Exception:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await remote.close()
+            raise
         await pipe(raw, remote.raw, f"dial:{peer[:8]}")
 
     async with listener:
@@ -119,13 +132,14 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
         await trio.serve_listeners(handle, [listener])
 
 
-def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Callable[[str | None, str], None],
+def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Callable[[str | None, str], bool],
                          on_end: Callable[[str], None], info_fn: Callable[[], dict]):
     """A ``/molink/stage/1`` handler piping to the local stage process.
 
     ``local_addr_fn()`` returns ``unix:/path`` of the stage process (None while it loads);
-    ``on_session(head_peer, upstream)`` / ``on_end(upstream)`` let the daemon announce which head it
-    serves. The first frame must be a session hello/open naming the route; it is forwarded as is.
+    ``on_session(head_peer, upstream)`` returns False to refuse (the stage serves another head);
+    ``on_end(upstream)`` pairs with every accepted session; they let the daemon announce which head
+    it serves. The first frame must be a session hello/open naming the route; it is forwarded as is.
     """
 
     async def handler(stream: FramedStream, remote: str) -> None:
@@ -146,13 +160,21 @@ def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Ca
         route = first.get("route")
         if isinstance(route, list) and route and isinstance(route[0], dict):
             head = route[0].get("peer") if isinstance(route[0].get("peer"), str) else None
+            if isinstance(route[1] if len(route) > 1 else None, dict) and route[1].get("addr", "").endswith(
+                    str(info_fn().get("peer"))) and head != remote:
+                # we are the first remote stage: the stream must come from the head it names
+                await _reject(stream, "the session's head is not the peer that opened the stream")
+                return
+        if not on_session(head, remote):
+            await _reject(stream, "this stage is serving another head; route around it")
+            return
         try:
             conn = await trio.open_unix_socket(addr[5:])
         except OSError as e:
+            on_end(remote)
             await _reject(stream, f"the stage process is unreachable: {e}")
             return
         local = _TrioRaw(conn)
-        on_session(head, remote)
         try:
             await local.write(encode_frame(first.type, first.body))
             leftover = stream.take_unparsed()  # bytes read past the hello must not be lost

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable
 
 import trio
 
-from molinkd.protocol import APIError, GenerationRequest
+from molinkd.protocol import MAX_LOGPROBS, MAX_N, APIError, GenerationRequest
 from p2p.framing import FrameError
 from p2p.streams import FramedStream, StreamClosed
 
@@ -41,18 +41,39 @@ def check_event(ev: Any) -> dict:
     if missing:
         raise FrameError(f"{kind} event misses {sorted(missing)}")
     if kind == "delta":
-        if not isinstance(ev["index"], int) or not isinstance(ev["text"], str) or not isinstance(ev["token_ids"], list):
-            raise FrameError("delta event has wrong field types")
+        if not _is_int(ev["index"]) or not 0 <= ev["index"] < MAX_N or not isinstance(ev["text"], str):
+            raise FrameError("delta event has a bad index or text")
+        if not isinstance(ev["token_ids"], list) or not all(_is_int(t) for t in ev["token_ids"]):
+            raise FrameError("delta token_ids must be a list of integers")
         if ev["finish_reason"] is not None and not isinstance(ev["finish_reason"], str):
             raise FrameError("delta finish_reason must be a string")
-        if ev["logprobs"] is not None and not isinstance(ev["logprobs"], list):
-            raise FrameError("delta logprobs must be a list")
+        if ev["logprobs"] is not None:
+            _check_logprobs(ev["logprobs"])
     elif kind == "start":
-        if not isinstance(ev["prompt"], str) or not isinstance(ev["n"], int) or not isinstance(ev["prompt_tokens"], int):
+        if not isinstance(ev["prompt"], str) or not _is_int(ev["prompt_tokens"]):
             raise FrameError("start event has wrong field types")
+        if not _is_int(ev["n"]) or not 1 <= ev["n"] <= MAX_N:
+            raise FrameError(f"start event n must be in 1..{MAX_N}")
     elif not all(isinstance(ev[k], int) for k in ("prompt_tokens", "completion_tokens")):
         raise FrameError("end event counts must be integers")
     return ev
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_logprobs(rows: Any) -> None:
+    """Per token: a list of ``[token_id:int, logprob:float, rank:int, text:str]`` entries."""
+    if not isinstance(rows, list):
+        raise FrameError("delta logprobs must be a list")
+    for row in rows:
+        if not isinstance(row, list) or not 1 <= len(row) <= MAX_LOGPROBS + 1:
+            raise FrameError("a logprobs row must be a non-empty list")
+        for e in row:
+            if not (isinstance(e, list) and len(e) == 4 and _is_int(e[0]) and isinstance(e[1], (int, float))
+                    and _is_int(e[2]) and isinstance(e[3], str)):
+                raise FrameError("a logprobs entry must be [token_id, logprob, rank, text]")
 
 
 async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Callable[[], Any], model_hash: str) -> None:
@@ -68,10 +89,11 @@ async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Calla
         if frame.get("model_hash") != model_hash:
             raise APIError(409, "model hash mismatch: this head serves another model version")
         req = GenerationRequest.from_wire(frame.get("req"))
+        req.request_id = ""  # the head names its own requests (ids from peers could collide)
         backend = backend_fn()
         if backend is None:
             raise APIError(503, "this head's engine is not ready")
-    except (APIError, TypeError) as e:
+    except (APIError, TypeError, ValueError) as e:
         err = e if isinstance(e, APIError) else APIError(400, f"malformed forwarded request: {e}")
         await _try_send(stream, ERROR, err.to_wire())
         return
@@ -142,9 +164,9 @@ class RemoteBackend:
         raise APIError(502, "could not reach any head: " + "; ".join(errors))
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[dict]:
+        stream = await self._open()
         self.active += 1
         self.total_requests += 1
-        stream = await self._open()
         try:
             await stream.send(REQUEST, {"req": req.to_wire(), "model_hash": self.model_hash})
             timeout = FIRST_EVENT_TIMEOUT
@@ -169,5 +191,5 @@ class RemoteBackend:
                     raise APIError(502, f"the head sent an unexpected {frame.type!r} frame")
         finally:
             self.active -= 1
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await stream.close()

@@ -83,11 +83,24 @@ class GenerationRequest:
         if unknown:
             raise bad(f"unknown request fields {sorted(unknown)}")
         req = cls(**d)
+        # re-validate everything that came off the network, with the checks the HTTP path uses
         if req.kind not in ("generate", "completion", "chat"):
             raise bad(f"unknown request kind {req.kind!r}")
-        # re-validate what came off the network
+        if req.prompt is not None and not isinstance(req.prompt, str):
+            raise bad("'prompt' must be a string")
+        if req.prompt_token_ids is not None:
+            _token_list(req.prompt_token_ids, "prompt_token_ids")
         if req.messages is not None:
-            _check_messages(req.messages)
+            req.messages = _check_messages(req.messages)
+        if req.prompt is None and req.prompt_token_ids is None and req.messages is None:
+            raise bad("the forwarded request has no prompt")
+        req.max_tokens = _int({"max_tokens": req.max_tokens}, "max_tokens", None, 1)
+        for key in ("add_generation_prompt", "stream", "echo"):
+            setattr(req, key, _bool({key: getattr(req, key)}, key, False))
+        if not isinstance(req.request_id, str) or len(req.request_id) > 128:
+            raise bad("'request_id' must be a short string")
+        if not isinstance(req.sampling, dict):
+            raise bad("'sampling' must be a map")
         _validate_sampling(dict(req.sampling))
         return req
 

@@ -15,6 +15,7 @@ Every role answers HTTP; a peer whose engine cannot answer forwards to a head ov
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -108,7 +109,7 @@ class Daemon:
         self.route_error: str | None = None
         self.stage_addr: str | None = None
         self.serving_head: str | None = None
-        self.stage_upstreams: set[str] = set()
+        self.stage_sessions: collections.Counter[str] = collections.Counter()  # upstream -> open streams
         self.rtts: dict[str, float] = {}
         self.banned: dict[str, tuple[float, str, float]] = {}  # peer -> (until, reason, ban length)
         self.started = time.time()
@@ -233,8 +234,9 @@ class Daemon:
             "stages": self.route_stats()[0],
             "pipeline": self.route_stats()[1],
             "serving_head": self.serving_head,
-            "banned": {p: {"reason": why, "for_s": round(until - time.monotonic(), 1)}
-                       for p, (until, why, _) in self.banned.items() if until > time.monotonic()},
+            "banned": {p: {"reason": why, "active": until > time.monotonic(),
+                           "remaining_s": max(0.0, round(until - time.monotonic(), 1))}
+                       for p, (until, why, _) in self.banned.items()},
             "coverage": cov.to_dict() if cov else None,
             "engine_rss_mb": _children_rss_mb(),
             "bootstrap": self.node.bootstrap_status() if self.node else [],
@@ -324,11 +326,13 @@ async def _run_head(d: Daemon) -> None:
 
     backoff = ENGINE_RESTART_BACKOFF[0]
     announced_wait = False
+    skipped: dict[str, float] = {}
     while True:
         me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
                        model_hash=d.model.model_hash)
         now = time.monotonic()
         banned = {p for p, (until, _, _) in d.banned.items() if until > now}
+        banned |= {p for p, until in skipped.items() if until > now}
         try:
             route = plan_route(me, _stage_records(d), d.model.num_layers, rtts=d.rtts, banned=banned)
         except NoRouteError as e:
@@ -340,10 +344,12 @@ async def _run_head(d: Daemon) -> None:
             await trio.sleep(ROUTE_RETRY)
             continue
         d.route_error = None
-        bad = await _probe_route(d, route)
-        if bad:
-            for peer, why in bad.items():
-                _ban(d, peer, why)
+        bad, busy = await _probe_route(d, route)
+        for peer in busy:
+            skipped[peer] = time.monotonic() + 5.0  # busy is not a fault: look again soon
+        for peer, why in bad.items():
+            _ban(d, peer, why)
+        if bad or busy:
             continue
         hops = route_to_dicts(route, {h.peer_id: f"p2p:{h.peer_id}" for h in route.hops})
         pps = d.cfg.pipeline_parallel_size
@@ -355,32 +361,57 @@ async def _run_head(d: Daemon) -> None:
         _say("route: " + " -> ".join(f"{h['peer'][:12]}[{h['start']}:{h['end']})" for h in hops))
         kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path)
         extra_env = (("MOLINK_P2P_DIAL", d.dial_path),)
+        started = time.monotonic()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(d.stats_path)
         try:
             await _run_engine(d, extra={"extra_kwargs": tuple(kwargs.items()), "extra_env": extra_env})
         except Exception as e:  # the engine died or could not open the session: re-plan
-            d.engine_error = f"{type(e).__name__}: {e}"
+            failure = _read_failure(d)
+            d.engine_error = failure.get("message") or f"{type(e).__name__}: {e}"
             d.engine_state = "restarting"
+            culprit = failure.get("peer")
+            if culprit and culprit != d.node.peer_id:
+                _ban(d, culprit, d.engine_error)
             _say(f"pipeline engine stopped ({d.engine_error}); re-planning in {backoff:.0f}s")
         d.route = None
+        ran_for = time.monotonic() - started
+        backoff = ENGINE_RESTART_BACKOFF[0] if ran_for > 600 else backoff
         await trio.sleep(backoff)
         backoff = min(backoff * 2, ENGINE_RESTART_BACKOFF[1])
         announced_wait = False
 
 
+def _read_failure(d: Daemon) -> dict:
+    """What the head executor wrote about why the pipeline failed (and whose fault it was)."""
+    try:
+        failure = json.loads(Path(d.stats_path).read_text()).get("failure") or {}
+    except (OSError, ValueError):
+        return {}
+    return failure if isinstance(failure, dict) else {}
+
+
 def _ban(d: Daemon, peer: str, why: str) -> None:
     """Route around ``peer`` for a while (30 s, doubling on repeat offences, at most 10 min)."""
     prev = d.banned.get(peer)
-    length = min(prev[2] * 2, 600.0) if prev else 30.0
+    now = time.monotonic()
+    # repeat offences double the ban; a peer that behaved for 10 minutes starts over
+    length = min(prev[2] * 2, 600.0) if prev and now - prev[0] < 600 else 30.0
     d.banned[peer] = (time.monotonic() + length, why, length)
     log.warning("banning peer from routes", extra=logs.kv(peer=peer, seconds=length, reason=why))
     _say(f"excluding peer {peer[:16]} from routes for {length:.0f}s: {why}")
 
 
-async def _probe_route(d: Daemon, route: Any) -> dict[str, str]:
-    """Probe every remote stage of ``route``; return {peer: reason} for those that fail."""
+class _Busy(Exception):
+    """The stage is fine but cannot take us now (loading, or serving another head)."""
+
+
+async def _probe_route(d: Daemon, route: Any) -> tuple[dict[str, str], set[str]]:
+    """Probe every remote stage of ``route``: ({peer: reason} of misbehaving ones, busy peers)."""
     from molinkd.bridge import probe_stage
 
     bad: dict[str, str] = {}
+    busy: set[str] = set()
     for hop in route.hops[1:]:
         try:
             info = await probe_stage(d.node, hop.peer_id)
@@ -389,28 +420,35 @@ async def _probe_route(d: Daemon, route: Any) -> dict[str, str]:
             if info.get("span") != [hop.span_start, hop.span_end]:
                 raise ValueError(f"serves {info.get('span')}, announced {hop.span_start}:{hop.span_end}")
             if not info.get("ready"):
-                raise ValueError("its engine is not ready")
+                raise _Busy("its engine is not ready")
             holder = info.get("serving_head")
             if holder and holder != d.node.peer_id:
-                raise ValueError(f"it serves another head ({str(holder)[:12]})")
+                raise _Busy(f"it serves another head ({str(holder)[:12]})")
+        except _Busy:
+            busy.add(hop.peer_id)
         except Exception as e:
             bad[hop.peer_id] = f"{type(e).__name__}: {e}"
-    return bad
+    return bad, busy
 
 
 async def _run_stage(d: Daemon) -> None:
     """Run the stage process for this peer's span and keep it running."""
     from molinkd.bridge import STAGE_PROTOCOL, stage_stream_handler
 
-    def on_session(head: str | None, upstream: str) -> None:
-        d.stage_upstreams.add(upstream)
-        if head:
+    def on_session(head: str | None, upstream: str) -> bool:
+        if d.serving_head is not None and d.stage_sessions and head != d.serving_head:
+            return False  # one head per stage: its KV cache belongs to one scheduler
+        d.stage_sessions[upstream] += 1
+        if head and head != d.serving_head:
             d.serving_head = head
             d.disc.announce_now()
+        return True
 
     def on_end(upstream: str) -> None:
-        d.stage_upstreams.discard(upstream)
-        if not d.stage_upstreams:
+        d.stage_sessions[upstream] -= 1
+        if d.stage_sessions[upstream] <= 0:
+            del d.stage_sessions[upstream]
+        if not d.stage_sessions:
             d.serving_head = None
             d.disc.announce_now()
 
@@ -590,10 +628,25 @@ async def serve(cfg: DaemonConfig, stop: trio.Event | None = None, *, task_statu
 
 
 async def _run_full(d: Daemon) -> None:
-    try:
-        await _run_engine(d)
-    except Exception as e:
-        raise StartupError(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
+    """Serve the whole model. A failure at the first start is fatal (bad model, no memory: the
+    operator must act); an engine that dies later is restarted with backoff."""
+    backoff = ENGINE_RESTART_BACKOFF[0]
+    first = True
+    while True:
+        started = time.monotonic()
+        try:
+            await _run_engine(d)
+        except Exception as e:
+            if first and d.backend is None and d.engine_state == "failed":
+                raise StartupError(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
+            d.engine_state = "restarting"
+            d.engine_error = f"{type(e).__name__}: {e}"
+            _say(f"engine stopped ({d.engine_error}); restarting in {backoff:.0f}s")
+        first = False
+        if time.monotonic() - started > 600:
+            backoff = ENGINE_RESTART_BACKOFF[0]
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, ENGINE_RESTART_BACKOFF[1])
 
 
 async def _main(cfg: DaemonConfig) -> None:

@@ -52,7 +52,16 @@ class FramedStream:
 
     async def send_raw(self, data: bytes) -> None:
         async with self._send_lock:
-            await _write(self.raw, data)
+            try:
+                await _write(self.raw, data)
+            except (trio.Cancelled, KeyboardInterrupt):
+                raise
+            except (ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise StreamClosed(f"stream to {self.peer} closed while sending: {e}") from e
+            except Exception as e:
+                if _is_eof(e):  # py-libp2p's StreamClosed / StreamReset types
+                    raise StreamClosed(f"stream to {self.peer} closed while sending: {e}") from e
+                raise
             self.bytes_out += len(data)
 
     async def recv(self, timeout: float | None = None) -> Frame:

@@ -78,7 +78,12 @@ def _engine_args(opts: EngineOptions):
         kw["gpu_memory_utilization"] = opts.gpu_memory_utilization
     if opts.block_size:
         kw["block_size"] = opts.block_size
-    kw.update(dict(opts.extra_kwargs))
+    extra = dict(opts.extra_kwargs)
+    if "distributed_executor_backend" not in extra:
+        from molinkd.engine.local_executor import WatchedUniProcExecutor
+
+        kw["distributed_executor_backend"] = WatchedUniProcExecutor
+    kw.update(extra)
     return AsyncEngineArgs(**kw)
 
 
@@ -232,6 +237,16 @@ def _logprobs_to_wire(entries: Any, token_ids: Any, k: int) -> list | None:
     return out
 
 
+def _client_error() -> type:
+    """vLLM's "the request is invalid" exception (not a ValueError in 0.32)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+
+        return VLLMClientError
+    except ImportError:  # pragma: no cover - older vLLM
+        return ValueError
+
+
 class Throughput:
     """Generated tokens per second over a sliding window (for announcements and /status)."""
 
@@ -265,6 +280,7 @@ class LocalBackend:
         self.active = 0
         self.total_requests = 0
         self.throughput = Throughput()
+        self._tokenizer_lock = trio.CapacityLimiter(1)
 
     @property
     def model_name(self) -> str:
@@ -313,12 +329,14 @@ class LocalBackend:
         kw = dict(req.sampling)
         try:
             return SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA, **kw)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, _client_error()) as e:
             raise APIError(400, f"invalid sampling parameters: {e}") from None
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[dict]:
         """Run one request; yields events (see module docstring). Cancellation aborts it."""
-        prompt_text, ids = self._render(req)
+        # off the event loop (long prompts, templates), one at a time (HF fast tokenizers are not
+        # safe to call from several threads at once: "Already borrowed")
+        prompt_text, ids = await trio.to_thread.run_sync(self._render, req, limiter=self._tokenizer_lock)
         params = self._sampling_params(req, len(ids))
         request_id = req.request_id or uuid.uuid4().hex
         n = params.n
@@ -332,7 +350,7 @@ class LocalBackend:
                     if kind == "end":
                         break
                     if kind == "err":
-                        if isinstance(val, ValueError):
+                        if isinstance(val, (ValueError, _client_error())):
                             raise APIError(400, str(val))
                         raise APIError(500, f"the engine failed: {type(val).__name__}: {val}") from val
                     for o in val.outputs:

@@ -87,6 +87,14 @@ def pipeline_engine_kwargs(
     }
 
 
+def _watch_parent() -> None:
+    """EngineCore runs in a process spawned by the daemon; vLLM does not end it when the daemon
+    dies (SIGKILL). Exit when re-parented, so no orphan keeps a model in memory."""
+    from molinkd.engine.watchdog import exit_with_parent
+
+    exit_with_parent()
+
+
 class StepStats:
     """Moving averages of per-stage compute time and of the remote round trip, written as JSON to
     ``path`` (at most once a second) for the daemon's /status. Thread-safe enough: one writer per
@@ -98,6 +106,7 @@ class StepStats:
         self.stage_ms: dict[str, float] = {}
         self.round_trip_ms: float | None = None
         self.steps = 0
+        self.failure: dict | None = None
         self._last_write = 0.0
 
     def _ewma(self, old: float | None, new: float) -> float:
@@ -117,9 +126,15 @@ class StepStats:
             self.round_trip_ms = self._ewma(self.round_trip_ms, (time.perf_counter() - sent_at) * 1000)
         self._maybe_write()
 
-    def _maybe_write(self) -> None:
+    def record_failure(self, message: str, peer: str | None) -> None:
+        """Say why the pipeline died and which peer is to blame (None: unknown), for the daemon."""
+        if self.failure is None:
+            self.failure = {"message": message, "peer": peer}
+            self._maybe_write(force=True)
+
+    def _maybe_write(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not self.path or now - self._last_write < 1.0:
+        if not self.path or (not force and now - self._last_write < 1.0):
             return
         self._last_write = now
         import json
@@ -128,7 +143,8 @@ class StepStats:
         try:
             with open(tmp, "w") as fh:
                 json.dump({"stage_ms": {k: round(v, 2) for k, v in self.stage_ms.items()},
-                           "round_trip_ms": round(self.round_trip_ms or 0.0, 2), "steps": self.steps}, fh)
+                           "round_trip_ms": round(self.round_trip_ms or 0.0, 2), "steps": self.steps,
+                           "failure": self.failure}, fh)
             os.replace(tmp, self.path)
         except OSError:
             pass
@@ -179,7 +195,12 @@ class PipelineExecutor(Executor):
         self.worker = build_worker(self.vllm_config, Span(head["start"], head["end"]), self.num_layers)
         log.info("head stage %s:%s loaded in %.1fs", head["start"], head["end"], time.monotonic() - t0)
 
-        self.link = FramedLink.connect(self.route[1]["addr"], timeout=float(cfg["connect_timeout"]))
+        _watch_parent()
+        try:
+            self.link = FramedLink.connect(self.route[1]["addr"], timeout=float(cfg["connect_timeout"]))
+        except Exception as e:
+            self.step_stats.record_failure(f"cannot connect to the first stage: {e}", self.route[1]["peer"])
+            raise
         self._reader = threading.Thread(target=self._read_loop, name="molink-head-reader", daemon=True)
         self._reader.start()
         self._send(wire.HELLO, self._session_body(0))
@@ -357,7 +378,9 @@ class PipelineExecutor(Executor):
                 self.check_health()
                 continue
             if ft == wire.ERROR:
-                raise PipelineError(f"stage {body.get('stage')} refused the session: {body.get('message')}")
+                msg = f"stage {body.get('stage')} refused the session: {body.get('message')}"
+                self.step_stats.record_failure(msg, self._stage_peer(body.get("stage")))
+                raise PipelineError(msg)
             if ft == t:
                 return body
             log.warning("ignoring unexpected %s while waiting for %s", ft, t)
@@ -384,7 +407,9 @@ class PipelineExecutor(Executor):
                 continue
             except Exception as e:
                 if not self._stop.is_set():
-                    self._fail(f"pipeline connection lost: {e}")
+                    # the first stage is the only peer we talk to: a broken stream or a malformed
+                    # frame is on it (further stages report their failures as eng.error frames)
+                    self._fail(f"pipeline connection lost: {e}", self.route[1]["peer"])
                 return
             if f.type == wire.RESULT:
                 step = f.get("step")
@@ -402,15 +427,21 @@ class PipelineExecutor(Executor):
             elif f.type == wire.ERROR:
                 msg = f"stage {f.get('stage')} failed at step {f.get('step')}: {f.get('message')}"
                 self._control.put((f.type, f.body))
-                self._fail(msg)
+                self._fail(msg, self._stage_peer(f.get("stage")))
                 return
             elif f.type == wire.PONG:
                 continue
             else:
                 self._control.put((f.type, f.body))
 
-    def _fail(self, msg: str) -> None:
+    def _stage_peer(self, index: Any) -> str | None:
+        if isinstance(index, int) and not isinstance(index, bool) and 0 < index < len(self.route):
+            return self.route[index]["peer"]
+        return None
+
+    def _fail(self, msg: str, culprit: str | None = None) -> None:
         log.error("pipeline failed: %s", msg)
+        self.step_stats.record_failure(msg, culprit)
         if not self._dead:
             self._dead = msg
         self._fail_all(msg)

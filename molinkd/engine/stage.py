@@ -496,20 +496,6 @@ def engine_args_for_stage(model: str, *, dtype: str, max_model_len: int, max_num
     return EngineArgs(**kw)
 
 
-def _exit_with_parent() -> None:
-    """A stage process belongs to its daemon: when the daemon dies (even by SIGKILL) the process is
-    re-parented, and this watcher ends it within a second."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m molinkd.engine.stage", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF model directory")
@@ -526,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout", type=float, default=120.0)
     p.add_argument("--ready-file", default=None, help="write the bound address here once serving")
     a = p.parse_args(argv)
-    _exit_with_parent()
+    from molinkd.engine.watchdog import exit_with_parent
+
+    exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s stage %(levelname)s %(message)s")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 

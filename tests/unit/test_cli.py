@@ -15,9 +15,10 @@ def test_defaults_and_both_spellings():
 
 
 def test_reference_aliases():
-    c = parse_config(["join", "--serving-layers", "0,14", "--initial-peer", "10.0.0.1:8468",
+    c = parse_config(["join", "--serving-layers", "0,14", "--initial-peer", "10.0.0.1:8468/12D3KooWAbc",
                       "--pipeline-parallel-size", "2"])
-    assert c.layers == "0:15" and c.bootstrap == ("/ip4/10.0.0.1/tcp/8468",) and c.pipeline_parallel_size == 2
+    assert c.layers == "0:15" and c.bootstrap == ("/ip4/10.0.0.1/tcp/8468/p2p/12D3KooWAbc",)
+    assert c.pipeline_parallel_size == 2
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -26,6 +27,8 @@ def test_reference_aliases():
     (["join", "--max-model-len", "-1"], "at least 1"),
     (["join", "--http", "nope"], "HOST:PORT"),
     (["join", "--bootstrap", "1.2.3.4"], "multiaddr"),
+    (["join", "--bootstrap", "/ip4/1.2.3.4/tcp/8468"], "peer id"),
+    (["join", "--initial-peer", "1.2.3.4:8468"], "peer's id"),
     (["join", "--model", "/nonexistent"], "config.json"),
     (["join", "--bogus"], "unrecognized"),
     (["join", "--serving-layers", "9,3"], "before the first"),
