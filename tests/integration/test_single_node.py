@@ -157,6 +157,8 @@ def test_n_seed_stop_ignore_eos_logprobs(single_node):
         ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 100}, 400, "'n'"),
         ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+        ("/v1/completions", {"prompt": "x", "n": 2, "temperature": 0}, 400, "sampling"),  # vLLM's own check
+        ("/v1/completions", {"prompt": [10 ** 6]}, 400, "vocabulary"),
     ],
 )
 def test_bad_input(single_node, path, body, status, needle):
