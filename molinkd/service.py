@@ -116,6 +116,15 @@ class Daemon:
         self.http_url = ""
         self.dial_path = str(runtime_dir / "dial.sock")
         self.stats_path = str(runtime_dir / "pipeline-stats.json")
+        self.info_path = str(runtime_dir / "engine-info.json")
+        os.environ["MOLINK_ENGINE_INFO"] = self.info_path  # inherited by engine processes
+
+    def weights_mb(self) -> float | None:
+        """Weights held by this peer's engine process (reported by it at load)."""
+        try:
+            return round(json.loads(Path(self.info_path).read_text())["weights_bytes"] / 2**20, 1)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def route_stats(self) -> tuple[list[dict], dict]:
         """The route's stages with their measured step times (from the head executor's stats)."""
@@ -222,7 +231,8 @@ class Daemon:
             "engine": {"state": self.engine_state, "error": self.engine_error,
                        "kv_blocks": self.engine.num_kv_blocks if self.engine else None,
                        "max_model_len": self.engine.max_model_len if self.engine else None,
-                       "unfinished": self.engine.unfinished() if self.engine else 0},
+                       "unfinished": self.engine.unfinished() if self.engine else 0,
+                       "weights_mb": self.weights_mb()},
             "ready": self.current_backend() is not None if self.role in ("full", "head", "gateway") else (
                 self.stage_addr is not None),
             "active_requests": (b.active if b else 0) + (self.remote.active if self.remote else 0),

@@ -194,6 +194,9 @@ class PipelineExecutor(Executor):
         t0 = time.monotonic()
         self.worker = build_worker(self.vllm_config, Span(head["start"], head["end"]), self.num_layers)
         log.info("head stage %s:%s loaded in %.1fs", head["start"], head["end"], time.monotonic() - t0)
+        from molinkd.engine import info
+
+        info.report(weights_bytes=info.weights_bytes(self.worker.model_runner.get_model()), pid=os.getpid())
 
         _watch_parent()
         try:

@@ -535,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--layers must be a span not starting at 0 (the head owns layer 0), got {a.layers!r}")
     t0 = time.monotonic()
     worker = build_worker(vllm_config, span, num_layers)
+    from molinkd.engine import info
+
+    info.report(weights_bytes=info.weights_bytes(worker.model_runner.get_model()), pid=os.getpid())
     dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
     server = StageServer(
         worker,

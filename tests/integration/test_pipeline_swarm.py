@@ -102,11 +102,15 @@ def test_two_stage_status_shows_route_and_holder(two_stage):
 
 
 def test_half_model_peer_uses_less_memory(two_stage, single_node):
-    _, stage = two_stage
-    full = single_node.status()["engine_rss_mb"]
-    half = stage.status()["engine_rss_mb"]
-    assert half is not None and full is not None
-    assert half < full * 0.85, (half, full)
+    """Each peer holds only its layers' weights (plus the tied embedding/head where needed). RSS is
+    reported too, but on this 135M model it is dominated by the 1 GiB KV cache and the runtime."""
+    head, stage = two_stage
+    full = single_node.status()["engine"]["weights_mb"]
+    first, second = head.status()["engine"]["weights_mb"], stage.status()["engine"]["weights_mb"]
+    assert None not in (full, first, second)
+    assert first < full * 0.7 and second < full * 0.7, (first, second, full)
+    assert first + second < full * 1.3  # the embedding is held twice (first and last span), no more
+    assert stage.status()["engine_rss_mb"] > 0
 
 
 @pytest.mark.timeout(1800)
