@@ -307,8 +307,9 @@ async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED, extra:
     finally:
         d.backend = None
         d.engine_state = "stopped"
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(engine.shutdown)
+        # bounded: an EngineCore stuck on a dead pipeline must not keep the daemon from exiting
+        with trio.CancelScope(shield=True), trio.move_on_after(20):
+            await trio.to_thread.run_sync(engine.shutdown, abandon_on_cancel=True)
 
 
 def _stage_records(d: Daemon) -> list:
