@@ -509,6 +509,8 @@ class Node:
                 st.connected = True
                 st.last_error = None
                 log.info("bootstrap %s: connected (attempt %d)", st.addr, st.attempts)
+                # never spin: a connection that closes at once would otherwise be redialled in a loop
+                await trio.sleep(self.cfg.bootstrap_check_interval)
 
 
 def _cause(e: BaseException) -> str:
