@@ -119,10 +119,10 @@ class Daemon:
         self.info_path = str(runtime_dir / "engine-info.json")
         os.environ["MOLINK_ENGINE_INFO"] = self.info_path  # inherited by engine processes
 
-    def weights_mb(self) -> float | None:
-        """Weights held by this peer's engine process (reported by it at load)."""
+    def loaded_rss_mb(self) -> float | None:
+        """Memory of this peer's engine process right after loading its layers (before KV cache)."""
         try:
-            return round(json.loads(Path(self.info_path).read_text())["weights_bytes"] / 2**20, 1)
+            return round(json.loads(Path(self.info_path).read_text())["loaded_rss_bytes"] / 2**20, 1)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -232,7 +232,7 @@ class Daemon:
                        "kv_blocks": self.engine.num_kv_blocks if self.engine else None,
                        "max_model_len": self.engine.max_model_len if self.engine else None,
                        "unfinished": self.engine.unfinished() if self.engine else 0,
-                       "weights_mb": self.weights_mb()},
+                       "loaded_rss_mb": self.loaded_rss_mb()},
             "ready": self.current_backend() is not None if self.role in ("full", "head", "gateway") else (
                 self.stage_addr is not None),
             "active_requests": (b.active if b else 0) + (self.remote.active if self.remote else 0),

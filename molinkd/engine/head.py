@@ -196,7 +196,7 @@ class PipelineExecutor(Executor):
         log.info("head stage %s:%s loaded in %.1fs", head["start"], head["end"], time.monotonic() - t0)
         from molinkd.engine import info
 
-        info.report(weights_bytes=info.weights_bytes(self.worker.model_runner.get_model()), pid=os.getpid())
+        info.report_loaded()
 
         _watch_parent()
         try:

@@ -1,22 +1,29 @@
 """Facts an engine process reports to its daemon through a small JSON file ($MOLINK_ENGINE_INFO):
-how many bytes of weights it holds (the point of serving a span is holding only its layers)."""
+its resident memory right after loading its layers, before the KV cache exists (the point of
+serving a span is holding only its layers). Counting parameters does not work on CPU: vLLM repacks
+linear weights for oneDNN outside ``parameters()``."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 
-def weights_bytes(model: Any) -> int:
-    """Bytes of parameters and buffers actually held (layers of other spans are placeholders)."""
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        total += t.numel() * t.element_size()
-    return total
+def rss_bytes() -> int:
+    """This process's resident set size."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def report(**fields: Any) -> None:
+def report_loaded() -> None:
+    """Call right after the model's layers are loaded (before the KV cache is allocated)."""
+    try:
+        report(loaded_rss_bytes=rss_bytes(), pid=os.getpid())
+    except OSError:
+        pass
+
+
+def report(**fields: object) -> None:
     path = os.environ.get("MOLINK_ENGINE_INFO")
     if not path:
         return

@@ -6,8 +6,6 @@ vLLM's EngineCore process, which then ends when the daemon dies.
 
 from __future__ import annotations
 
-import os
-
 from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
 from molinkd.engine import info
@@ -18,8 +16,4 @@ class WatchedUniProcExecutor(UniProcExecutor):
     def _init_executor(self) -> None:
         exit_with_parent()
         super()._init_executor()
-        try:
-            model = self.driver_worker.worker.model_runner.get_model()
-            info.report(weights_bytes=info.weights_bytes(model), pid=os.getpid())
-        except Exception:  # reporting is best effort
-            pass
+        info.report_loaded()

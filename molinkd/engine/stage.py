@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = build_worker(vllm_config, span, num_layers)
     from molinkd.engine import info
 
-    info.report(weights_bytes=info.weights_bytes(worker.model_runner.get_model()), pid=os.getpid())
+    info.report_loaded()
     dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
     server = StageServer(
         worker,
