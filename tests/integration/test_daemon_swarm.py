@@ -89,7 +89,7 @@ def test_unreachable_bootstrap_keeps_running_and_says_so(tmp_path):
 @pytest.mark.slow
 def test_gateway_forwards_to_head(single_node, tmp_path):
     boot = _boot_addr(single_node)
-    g = Daemon(["--layers", "none", "--bootstrap", boot, "--api-key", single_node.api_key], tmp_path, name="gw")
+    g = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="gw", api_key=single_node.api_key)
     try:
         _wait(lambda: g.status()["ready"], 30, "gateway to find the head")
         h = {"Authorization": f"Bearer {single_node.api_key}"}
