@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -44,10 +45,12 @@ def measure(url: str, batch: int, tokens: int) -> float:
     return sum(done) / dt
 
 
-def bench(daemons_args: list[list[str]], name: str, batches: list[int], tokens: int, tmp: Path) -> dict:
+def bench(daemons_args: list[list[str]], name: str, batches: list[int], tokens: int, tmp: Path,
+          envs: list[dict]) -> dict:
+    """Both setups get the whole machine: one engine with every core, or one core per stage."""
     daemons: list[Daemon] = []
     try:
-        first = Daemon(daemons_args[0], tmp, name=f"{name}0")
+        first = Daemon(daemons_args[0], tmp, name=f"{name}0", env=envs[0])
         daemons.append(first)
         if len(daemons_args) > 1:
             deadline = time.monotonic() + 60
@@ -59,7 +62,7 @@ def bench(daemons_args: list[list[str]], name: str, batches: list[int], tokens: 
                     time.sleep(0.3)
             boot = next(a for a in addrs if "/127.0.0.1/" in a)
             for i, args in enumerate(daemons_args[1:], 1):
-                daemons.append(Daemon(args + ["--bootstrap", boot], tmp, name=f"{name}{i}"))
+                daemons.append(Daemon(args + ["--bootstrap", boot], tmp, name=f"{name}{i}", env=envs[i]))
         for d in daemons:
             d.wait_ready(timeout=600)
         head = next(d for d in daemons if d.status()["layers"][0] == 0)
@@ -82,8 +85,13 @@ def main() -> int:
     a = p.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="molink-bench-"))
-    single = bench([["--layers", "all"]], "single-node", batches, a.tokens, tmp)
-    two = bench([["--layers", "15:30"], ["--layers", "0:15"]], "2-stage", batches, a.tokens, tmp)
+    cores = os.cpu_count() or 2
+    single = bench([["--layers", "all"]], "single-node", batches, a.tokens, tmp,
+                   [{"OMP_NUM_THREADS": str(cores), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}])
+    half = max(1, cores // 2)
+    two = bench([["--layers", "15:30"], ["--layers", "0:15"]], "2-stage", batches, a.tokens, tmp,
+                [{"OMP_NUM_THREADS": str(half), "VLLM_CPU_OMP_THREADS_BIND": f"{half}-{cores - 1}"},
+                 {"OMP_NUM_THREADS": str(half), "VLLM_CPU_OMP_THREADS_BIND": f"0-{half - 1}"}])
     result = {"tokens": a.tokens, "single": single, "two_stage": two,
               "ratio": {b: round(two[b] / single[b], 3) for b in batches}}
     for b in batches:

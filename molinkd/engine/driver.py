@@ -328,7 +328,10 @@ class LocalBackend:
             )
         kw = dict(req.sampling)
         try:
-            return SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA, **kw)
+            # a client that does not stream gets one output at the end: no per-step traffic between
+            # the engine and this loop (that traffic costs CPU the engine needs at high batch)
+            kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
+            return SamplingParams(max_tokens=max_tokens, output_kind=kind, **kw)
         except (ValueError, TypeError, _client_error()) as e:
             raise APIError(400, f"invalid sampling parameters: {e}") from None
 
