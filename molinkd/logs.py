@@ -48,6 +48,8 @@ def setup(level: str = "warning", as_json: bool = False) -> None:
     root.setLevel(lvl)
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(lvl, logging.WARNING) if name != "libp2p" else max(lvl, logging.ERROR))
+    # vLLM's import-time warnings (Triton on CPU, ...) say nothing an operator can act on
+    logging.getLogger("vllm").setLevel(max(lvl, logging.ERROR) if lvl > logging.DEBUG else lvl)
 
 
 def kv(**fields: object) -> dict:
