@@ -5,6 +5,9 @@ Protocol ``/molink/generate/1`` (frames from :mod:`p2p.framing`):
 - asker -> head: ``gen.request {"req": GenerationRequest.to_wire(), "model_hash": str}``
 - head -> asker: ``gen.event <event>`` (the backend events of :mod:`molinkd.engine.driver`), then
   ``gen.done {}``; or ``gen.error APIError.to_wire()`` at any point.
+- While a request runs the head also sends ``gen.alive {}`` every KEEPALIVE seconds, so an asker
+  tells a slow generation (keepalives keep coming) from a hung or vanished head (silence past
+  SILENCE_TIMEOUT: 504).
 - The asker closing the stream cancels the request on the head (its engine slot is freed).
 
 Every wait has a deadline; a head that dies mid-request surfaces as a 502 to the HTTP client.
@@ -24,9 +27,9 @@ from p2p.streams import FramedStream, StreamClosed
 log = logging.getLogger("molinkd.forward")
 
 PROTOCOL = "/molink/generate/1"
-REQUEST, EVENT, DONE, ERROR = "gen.request", "gen.event", "gen.done", "gen.error"
-FIRST_EVENT_TIMEOUT = 600.0  # queueing + prefill on a busy head
-EVENT_TIMEOUT = 300.0
+REQUEST, EVENT, DONE, ERROR, ALIVE = "gen.request", "gen.event", "gen.done", "gen.error", "gen.alive"
+KEEPALIVE = 2.0
+SILENCE_TIMEOUT = 15.0
 _EVENT_KEYS = {"start": {"prompt", "prompt_tokens", "n"}, "delta": {"index", "text", "token_ids", "logprobs",
                                                                      "finish_reason"},
                "end": {"prompt_tokens", "completion_tokens"}}
@@ -107,7 +110,16 @@ async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Calla
                 pass
             nursery.cancel_scope.cancel()
 
+        async def keepalive() -> None:
+            try:
+                while True:
+                    await trio.sleep(KEEPALIVE)
+                    await stream.send(ALIVE, {})
+            except (StreamClosed, ConnectionError):
+                return  # the asker is gone; watch_close ends the request
+
         nursery.start_soon(watch_close)
+        nursery.start_soon(keepalive)
         try:
             events = backend.stream(req)
             async with _aclosing(events):
@@ -169,15 +181,16 @@ class RemoteBackend:
         self.total_requests += 1
         try:
             await stream.send(REQUEST, {"req": req.to_wire(), "model_hash": self.model_hash})
-            timeout = FIRST_EVENT_TIMEOUT
             while True:
                 try:
-                    frame = await stream.recv(timeout=timeout)
+                    frame = await stream.recv(timeout=SILENCE_TIMEOUT)
                 except trio.TooSlowError:
-                    raise APIError(504, f"the head {stream.peer[:12]} sent nothing for {timeout:.0f}s") from None
+                    raise APIError(504, f"the head {stream.peer[:12]} went silent for {SILENCE_TIMEOUT:.0f}s "
+                                        "(hung or unreachable); retry, another head may answer") from None
                 except (StreamClosed, FrameError) as e:
                     raise APIError(502, f"the head {stream.peer[:12]} failed mid-request: {e}") from None
-                timeout = EVENT_TIMEOUT
+                if frame.type == ALIVE:
+                    continue
                 if frame.type == EVENT:
                     try:
                         yield check_event(frame.body)

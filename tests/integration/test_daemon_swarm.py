@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import time
 
 import httpx
@@ -107,5 +110,28 @@ def test_gateway_forwards_to_head(single_node, tmp_path):
         assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
         st = g.status()
         assert st["role"] == "gateway" and any(p["layers"] == [0, 30] for p in st["peers"])
+        # a head that hangs mid-stream (its daemon stopped, SIGSTOP): the gateway notices the silence
+        # and ends the stream with a 504 error instead of waiting forever
+        t0 = None
+        with httpx.stream("POST", g.url + "/v1/completions", headers=h, timeout=120,
+                          json={"prompt": "Tell me a story", "max_tokens": 1500, "ignore_eos": True,
+                                "stream": True}) as r:
+            events = []
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    os.kill(single_node.proc.pid, signal.SIGSTOP)
+                    t0 = time.monotonic()
+        os.kill(single_node.proc.pid, signal.SIGCONT)
+        waited = time.monotonic() - t0
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["code"] == 504 and "silent" in err["message"]
+        assert 10 < waited < 40, waited
+        _wait(lambda: single_node.status()["active_requests"] == 0, 30, "the head to drop the request")
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(single_node.proc.pid, signal.SIGCONT)
         g.stop()
