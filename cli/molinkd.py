@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers this peer serves: S:E (S..E-1), all, auto (fill gaps in the swarm), none (gateway)")
     g.add_argument("--serving-layers", type=_serving_layers, default=None, metavar="A,B",
                    help="the MoLink reference's spelling of --layers: first,last layer inclusive")
+    g.add_argument("--max-layers", type=_pos_int, default=None, metavar="N",
+                   help="with --layers auto: take at most N layers (default: as many as fit in free memory)")
     g.add_argument("--pipeline-parallel-size", type=_pos_int, default=None, metavar="N",
                    help="accepted for the reference's users; checked against the route found")
     g = j.add_argument_group("network")
@@ -188,6 +190,7 @@ def parse_config(argv: list[str]) -> DaemonConfig:
         served_model_name=args.served_model_name,
         layers=args.layers or args.serving_layers or "all",
         pipeline_parallel_size=args.pipeline_parallel_size,
+        max_layers=args.max_layers,
         bootstrap=tuple(args.bootstrap + args.initial_peer),
         announce=tuple(args.announce),
         http=args.http,

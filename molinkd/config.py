@@ -21,6 +21,7 @@ class DaemonConfig:
     served_model_name: str | None = None
     layers: str = "all"  # "S:E" | "all" | "auto" | "none"
     pipeline_parallel_size: int | None = None
+    max_layers: int | None = None  # cap for --layers auto
     bootstrap: tuple[str, ...] = ()
     listen: tuple[str, ...] = (f"/ip4/0.0.0.0/tcp/{DEFAULT_P2P_PORT}",)
     announce: tuple[str, ...] = ()

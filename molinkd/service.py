@@ -526,7 +526,8 @@ async def _choose_auto_span(d: Daemon) -> None:
     weights = sum(p.stat().st_size for p in Path(d.model.path).glob("*.safetensors")) or 1
     per_layer = max(1, int(2.5 * weights / max(1, d.model.num_layers)))
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    length = span_length_for(d.model.num_layers, free_memory_bytes=free, bytes_per_layer=per_layer)
+    length = span_length_for(d.model.num_layers, free_memory_bytes=free, bytes_per_layer=per_layer,
+                             max_layers=d.cfg.max_layers)
     span = choose_span(table, d.model.num_layers, length, exclude_peer=d.node.peer_id)
     d.span = (span.start, span.end)
     _say(f"--layers auto chose {span.start}:{span.end} (swarm had {len(table)} serving peers)")

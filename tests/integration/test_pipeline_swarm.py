@@ -40,7 +40,8 @@ def two_stage(tmp_path_factory):
     daemons = [stage]
     try:
         boot = _boot_addr(stage)
-        head = Daemon(["--layers", "0:15", "--bootstrap", boot], tmp, name="head")
+        # the head is told nothing but "auto, at most 15 layers": it must pick the gap 0:15
+        head = Daemon(["--layers", "auto", "--max-layers", "15", "--bootstrap", boot], tmp, name="head")
         daemons.append(head)
         _start_all([stage, head])
         _wait(lambda: stage.status()["ready"], 60, "the stage to forward to the head")
