@@ -20,7 +20,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import Daemon  # noqa: E402
+from tests.helpers import Daemon, boot_addr  # noqa: E402
 
 
 def measure(url: str, batch: int, tokens: int) -> float:
@@ -53,14 +53,7 @@ def bench(daemons_args: list[list[str]], name: str, batches: list[int], tokens: 
         first = Daemon(daemons_args[0], tmp, name=f"{name}0", env=envs[0])
         daemons.append(first)
         if len(daemons_args) > 1:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    addrs = first.status()["addrs"]
-                    break
-                except OSError:
-                    time.sleep(0.3)
-            boot = next(a for a in addrs if "/127.0.0.1/" in a)
+            boot = boot_addr(first, timeout=60)
             for i, args in enumerate(daemons_args[1:], 1):
                 daemons.append(Daemon(args + ["--bootstrap", boot], tmp, name=f"{name}{i}", env=envs[i]))
         for d in daemons:

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 from molinkd.config import DEFAULT_HTTP
+from p2p.records import runs
 
 
 def _fetch(api: str, path: str, api_key: str | None, timeout: float) -> dict:
@@ -33,13 +34,7 @@ def _coverage_line(total: int, spans: list[tuple[int, int]]) -> str:
     for s, e in spans:
         for i in range(max(0, s), min(total, e)):
             covered[i] = True
-    gaps, start = [], None
-    for i, c in enumerate(covered + [True]):
-        if not c and start is None:
-            start = i
-        elif c and start is not None:
-            gaps.append(f"{start}-{i - 1}" if i - 1 > start else f"{start}")
-            start = None
+    gaps = [f"{s}-{e - 1}" if e - 1 > s else f"{s}" for s, e in runs(covered, lambda c: not c)]
     cells = "".join("#" if c else "." for c in covered) if total <= 60 else ""
     tail = "complete" if not gaps else "GAPS at layers " + ", ".join(gaps)
     return f"coverage [0,{total}): {cells} {tail}".replace("  ", " ")

@@ -133,23 +133,21 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions():
-        body = await _body()
-        b = _backend()
-        check_model_name(body, b.model_name)
-        req = parse_completion(body)
-        opts = _stream_options(body)
-        return await _run(req, lambda ev, r: _completion_stream(ev, r, b.model_name, opts),
-                          lambda ev, r: _completion_final(ev, r, b.model_name))
+        return await _openai(parse_completion, _completion_stream, _completion_final)
 
     @app.post("/v1/chat/completions")
     async def chat():
+        return await _openai(parse_chat, _chat_stream, _chat_final)
+
+    async def _openai(parse, streamer, finisher) -> Response:
+        """An OpenAI endpoint: model name check, parsing, then stream or final answer."""
         body = await _body()
         b = _backend()
         check_model_name(body, b.model_name)
-        req = parse_chat(body)
+        req = parse(body)
         opts = _stream_options(body)
-        return await _run(req, lambda ev, r: _chat_stream(ev, r, b.model_name, opts),
-                          lambda ev, r: _chat_final(ev, r, b.model_name))
+        return await _run(req, lambda ev, r: streamer(ev, r, b.model_name, opts),
+                          lambda ev, r: finisher(ev, r, b.model_name))
 
     async def _run(req: GenerationRequest, streamer, finisher) -> Response:
         b = _backend()

@@ -15,6 +15,7 @@ Every wait has a deadline; a head that dies mid-request surfaces as a 502 to the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, AsyncIterator, Callable
 
@@ -122,7 +123,7 @@ async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Calla
         nursery.start_soon(keepalive)
         try:
             events = backend.stream(req)
-            async with _aclosing(events):
+            async with contextlib.aclosing(events):
                 async for ev in events:
                     await stream.send(EVENT, ev)
             await stream.send(DONE, {})
@@ -139,17 +140,6 @@ async def _try_send(stream: FramedStream, t: str, body: Any) -> None:
             await stream.send(t, body)
     except Exception:
         pass
-
-
-class _aclosing:
-    def __init__(self, agen: Any) -> None:
-        self.agen = agen
-
-    async def __aenter__(self) -> Any:
-        return self.agen
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.agen.aclose()
 
 
 class RemoteBackend:

@@ -45,6 +45,22 @@ ROUTE_RETRY = 1.0
 ENGINE_RESTART_BACKOFF = (2.0, 30.0)
 
 
+class _Backoff:
+    """Restart delays for engines: doubling from 2 s up to 30 s; an engine that ran for ten minutes
+    was healthy, so its next failure may start over (``reset_if_healthy``)."""
+
+    def __init__(self) -> None:
+        self.delay = ENGINE_RESTART_BACKOFF[0]
+
+    def reset_if_healthy(self, ran_for: float) -> None:
+        if ran_for > 600:
+            self.delay = ENGINE_RESTART_BACKOFF[0]
+
+    async def sleep(self) -> None:
+        await trio.sleep(self.delay)
+        self.delay = min(self.delay * 2, ENGINE_RESTART_BACKOFF[1])
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says what to change."""
 
@@ -213,12 +229,13 @@ class Daemon:
             d["last_seen"] = r.time
             d["age_s"] = round(max(0.0, now - r.time), 1)
             peers.append(d)
+        stages, pipeline = self.route_stats()
         mine = self.record_fields()
         if self.node is not None:
             me = dict(mine, peer_id=self.node.peer_id, addrs=self.node.addrs(), layers=list(self.span),
                       rtt_ms=None, last_seen=now, state="online")
             peers.insert(0, me)
-        cov = coverage([r for r in snapshot] + ([] if self.span[1] == 0 else [_self_record(self)]),
+        cov = coverage(snapshot + ([] if self.span[1] == 0 else [_self_record(self)]),
                        self.model.num_layers, self.model.model_hash) if self.disc else None
         return {
             "peer_id": self.node.peer_id if self.node else None,
@@ -241,8 +258,8 @@ class Daemon:
             "http": self.http_url,
             "route": [h["peer"] for h in self.route] if self.route else None,
             "route_error": self.route_error,
-            "stages": self.route_stats()[0],
-            "pipeline": self.route_stats()[1],
+            "stages": stages,
+            "pipeline": pipeline,
             "serving_head": self.serving_head,
             "banned": {p: {"reason": why, "active": until > time.monotonic(),
                            "remaining_s": max(0.0, round(until - time.monotonic(), 1))}
@@ -335,7 +352,7 @@ async def _run_head(d: Daemon) -> None:
     from molinkd.engine.head import pipeline_engine_kwargs
     from molinkd.routing import NoRouteError, PeerRecord as RoutePeer, plan_route, route_to_dicts
 
-    backoff = ENGINE_RESTART_BACKOFF[0]
+    backoff = _Backoff()
     announced_wait = False
     skipped: dict[str, float] = {}
     while True:
@@ -384,12 +401,10 @@ async def _run_head(d: Daemon) -> None:
             culprit = failure.get("peer")
             if culprit and culprit != d.node.peer_id:
                 _ban(d, culprit, d.engine_error)
-            _say(f"pipeline engine stopped ({d.engine_error}); re-planning in {backoff:.0f}s")
+            _say(f"pipeline engine stopped ({d.engine_error}); re-planning in {backoff.delay:.0f}s")
         d.route = None
-        ran_for = time.monotonic() - started
-        backoff = ENGINE_RESTART_BACKOFF[0] if ran_for > 600 else backoff
-        await trio.sleep(backoff)
-        backoff = min(backoff * 2, ENGINE_RESTART_BACKOFF[1])
+        backoff.reset_if_healthy(time.monotonic() - started)
+        await backoff.sleep()
         announced_wait = False
 
 
@@ -468,7 +483,7 @@ async def _run_stage(d: Daemon) -> None:
                 "ready": d.stage_addr is not None, "serving_head": d.serving_head, "version": __version__}
 
     d.node.set_stream_handler(STAGE_PROTOCOL, stage_stream_handler(lambda: d.stage_addr, on_session, on_end, info))
-    backoff = ENGINE_RESTART_BACKOFF[0]
+    backoff = _Backoff()
     while True:
         sock = d.runtime_dir / "stage.sock"
         ready = d.runtime_dir / "stage.ready"
@@ -512,9 +527,8 @@ async def _run_stage(d: Daemon) -> None:
                 if proc.poll() is None:
                     proc.kill()
         d.engine_state = "failed"
-        _say(f"{d.engine_error}; restarting in {backoff:.0f}s")
-        await trio.sleep(backoff)
-        backoff = min(backoff * 2, ENGINE_RESTART_BACKOFF[1])
+        _say(f"{d.engine_error}; restarting in {backoff.delay:.0f}s")
+        await backoff.sleep()
 
 
 async def _choose_auto_span(d: Daemon) -> None:
@@ -642,7 +656,7 @@ async def serve(cfg: DaemonConfig, stop: trio.Event | None = None, *, task_statu
 async def _run_full(d: Daemon) -> None:
     """Serve the whole model. A failure at the first start is fatal (bad model, no memory: the
     operator must act); an engine that dies later is restarted with backoff."""
-    backoff = ENGINE_RESTART_BACKOFF[0]
+    backoff = _Backoff()
     first = True
     while True:
         started = time.monotonic()
@@ -653,12 +667,10 @@ async def _run_full(d: Daemon) -> None:
                 raise StartupError(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
             d.engine_state = "restarting"
             d.engine_error = f"{type(e).__name__}: {e}"
-            _say(f"engine stopped ({d.engine_error}); restarting in {backoff:.0f}s")
+            _say(f"engine stopped ({d.engine_error}); restarting in {backoff.delay:.0f}s")
         first = False
-        if time.monotonic() - started > 600:
-            backoff = ENGINE_RESTART_BACKOFF[0]
-        await trio.sleep(backoff)
-        backoff = min(backoff * 2, ENGINE_RESTART_BACKOFF[1])
+        backoff.reset_if_healthy(time.monotonic() - started)
+        await backoff.sleep()
 
 
 async def _main(cfg: DaemonConfig) -> None:

@@ -27,6 +27,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
+from p2p.records import runs
+
 
 class SpanError(ValueError):
     """A span is malformed or does not fit the model (local misuse: fix the argument)."""
@@ -222,7 +224,7 @@ def choose_span(
     tp = coverage(rows, num_layers)
     windows = range(0, num_layers - length + 1)
 
-    gaps = _gaps(tp)
+    gaps = runs(tp, lambda v: v == 0.0)
     if gaps:
         g_start, g_end = max(gaps, key=lambda g: (g[1] - g[0], -g[0]))
         g_len = g_end - g_start
@@ -246,19 +248,6 @@ def choose_span(
         key=lambda w: (min(tp[w : w + length]), sum(tp[w : w + length]) / length, w),
     )
     return Span(best, best + length)
-
-
-def _gaps(tp: Sequence[float]) -> list[tuple[int, int]]:
-    out, start = [], None
-    for i, v in enumerate(tp):
-        if v == 0.0 and start is None:
-            start = i
-        elif v != 0.0 and start is not None:
-            out.append((start, i))
-            start = None
-    if start is not None:
-        out.append((start, len(tp)))
-    return out
 
 
 def swarm_bottleneck(table: Iterable[ServedSpan], num_layers: int) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -364,7 +364,7 @@ def coverage(records: Iterable[PeerRecord], total_layers: int, model_hash: str |
     for i in range(total_layers):
         run += diff[i]
         replicas.append(run)
-    intervals, gaps = _runs(replicas, lambda n: n > 0), _runs(replicas, lambda n: n == 0)
+    intervals, gaps = runs(replicas, lambda n: n > 0), runs(replicas, lambda n: n == 0)
     # chain: reachability over span boundaries starting from 0
     reach = {0}
     for s, e in spans:  # sorted by start, so every s is final when reached
@@ -373,7 +373,8 @@ def coverage(records: Iterable[PeerRecord], total_layers: int, model_hash: str |
     return Coverage(total_layers, tuple(replicas), intervals, gaps, total_layers in reach)
 
 
-def _runs(values: list[int], pred: Callable[[int], bool]) -> tuple[tuple[int, int], ...]:
+def runs(values: Sequence[Any], pred: Callable[[Any], bool]) -> tuple[tuple[int, int], ...]:
+    """Half-open ``(start, end)`` index ranges where ``pred(values[i])`` holds (gaps, intervals)."""
     out: list[tuple[int, int]] = []
     start = None
     for i, v in enumerate(values):
@@ -389,6 +390,7 @@ def _runs(values: list[int], pred: Callable[[int], bool]) -> tuple[tuple[int, in
 
 
 __all__ = [
+    "runs",
     "Coverage",
     "MAX_RECORD_BYTES",
     "PeerRecord",

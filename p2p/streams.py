@@ -66,7 +66,7 @@ class FramedStream:
 
     async def recv(self, timeout: float | None = None) -> Frame:
         deadline = trio.current_time() + timeout if timeout is not None else math.inf
-        with trio.fail_at(deadline) if deadline != math.inf else _nullcontext():
+        with trio.fail_at(deadline):
             while True:
                 frame = self._decoder.next_frame()
                 if frame is not None:
@@ -122,14 +122,6 @@ async def _write(raw: Any, data: bytes) -> None:
         await raw.write(data)
     else:
         await raw.send_all(data)  # trio.abc.SendStream
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 __all__ = ["ByteStream", "FramedStream", "StreamClosed", "FrameError", "Frame"]

@@ -102,3 +102,25 @@ class Daemon:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+def wait_for(pred, timeout: float, what: str, step: float = 0.3):
+    """Poll ``pred`` until it returns something truthy (that value is returned); bounded in time.
+    Connection errors and incomplete status count as "not yet"."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+            if last:
+                return last
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")
+
+
+def boot_addr(d: Daemon, timeout: float = 30.0) -> str:
+    """The loopback multiaddr (with /p2p/<id>) other daemons can bootstrap from."""
+    st = wait_for(lambda: d.status(), timeout, f"{d.name}'s status")
+    return next(a for a in st["addrs"] if "/127.0.0.1/" in a)

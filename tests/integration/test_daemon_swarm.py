@@ -11,21 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import Daemon, free_port
-
-
-def _wait(pred, timeout: float, what: str, step: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-            if last:
-                return last
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")
+from tests.helpers import Daemon, boot_addr, free_port, wait_for
 
 
 def _peer_ids(d: Daemon) -> set[str]:
@@ -33,25 +19,20 @@ def _peer_ids(d: Daemon) -> set[str]:
     return {p["peer_id"] for p in st["peers"]} - {st["peer_id"]}
 
 
-def _boot_addr(d: Daemon) -> str:
-    st = _wait(lambda: d.status(), 30, "status")
-    return next(a for a in st["addrs"] if "/127.0.0.1/" in a)
-
-
 def test_gateways_join_expire_and_restart_with_same_id(tmp_path):
     daemons: list[Daemon] = []
     try:
         a = Daemon(["--layers", "none"], tmp_path, name="a")
         daemons.append(a)
-        boot = _boot_addr(a)
+        boot = boot_addr(a)
         b = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="b")
         c = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="c")
         daemons += [b, c]
-        ids = {x.name: _wait(lambda x=x: x.status()["peer_id"], 30, "peer id") for x in (a, b, c)}
+        ids = {x.name: wait_for(lambda x=x: x.status()["peer_id"], 30, "peer id") for x in (a, b, c)}
         # every peer sees the two others within seconds (b and c learn of each other through a)
         for x in (a, b, c):
             others = {ids[n] for n in ids if n != x.name}
-            _wait(lambda x=x, others=others: others <= _peer_ids(x), 20, f"{x.name} to see the swarm")
+            wait_for(lambda x=x, others=others: others <= _peer_ids(x), 20, f"{x.name} to see the swarm")
         st = b.status()
         assert st["bootstrap"][0]["connected"] is True
         rec = next(p for p in st["peers"] if p["peer_id"] == ids["a"])
@@ -59,16 +40,16 @@ def test_gateways_join_expire_and_restart_with_same_id(tmp_path):
         # killed without a goodbye: expires from the others' tables after the TTL (~3 periods)
         c.kill()
         t0 = time.monotonic()
-        _wait(lambda: ids["c"] not in _peer_ids(a) and ids["c"] not in _peer_ids(b), 20, "c to expire")
+        wait_for(lambda: ids["c"] not in _peer_ids(a) and ids["c"] not in _peer_ids(b), 20, "c to expire")
         assert time.monotonic() - t0 >= 2.0  # not instantly: it had to time out
         # restart with the same identity file: same peer id, back in the table
         c2 = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="c")
         daemons.append(c2)
-        assert _wait(lambda: c2.status()["peer_id"], 30, "c2 peer id") == ids["c"]
-        _wait(lambda: ids["c"] in _peer_ids(a), 20, "c to come back")
+        assert wait_for(lambda: c2.status()["peer_id"], 30, "c2 peer id") == ids["c"]
+        wait_for(lambda: ids["c"] in _peer_ids(a), 20, "c to come back")
         # a clean stop announces "offline": removed at once, well before the TTL
         c2.stop()
-        _wait(lambda: ids["c"] not in _peer_ids(a), 4, "c's offline record to remove it")
+        wait_for(lambda: ids["c"] not in _peer_ids(a), 4, "c's offline record to remove it")
     finally:
         for x in daemons:
             x.stop()
@@ -78,7 +59,7 @@ def test_unreachable_bootstrap_keeps_running_and_says_so(tmp_path):
     dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/12D3KooWAEaJJo4KbJ1qXUmyFdTykAX4sSbTmzBHh6NdfL3CJL92"
     d = Daemon(["--layers", "none", "--bootstrap", dead], tmp_path, name="lonely")
     try:
-        st = _wait(lambda: (s := d.status())["bootstrap"] and s["bootstrap"][0].get("attempts", 0) >= 2 and s,
+        st = wait_for(lambda: (s := d.status())["bootstrap"] and s["bootstrap"][0].get("attempts", 0) >= 2 and s,
                    30, "bootstrap retries")
         b = st["bootstrap"][0]
         assert b["connected"] is False and b["last_error"]
@@ -91,10 +72,10 @@ def test_unreachable_bootstrap_keeps_running_and_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_gateway_forwards_to_head(single_node, tmp_path):
-    boot = _boot_addr(single_node)
+    boot = boot_addr(single_node)
     g = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="gw", api_key=single_node.api_key)
     try:
-        _wait(lambda: g.status()["ready"], 30, "gateway to find the head")
+        wait_for(lambda: g.status()["ready"], 30, "gateway to find the head")
         h = {"Authorization": f"Bearer {single_node.api_key}"}
         body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
         direct = httpx.post(single_node.url + "/generate", json=body, headers=h, timeout=120).json()
@@ -130,7 +111,7 @@ def test_gateway_forwards_to_head(single_node, tmp_path):
         err = json.loads(events[-2])["error"]
         assert err["code"] == 504 and "silent" in err["message"]
         assert 10 < waited < 40, waited
-        _wait(lambda: single_node.status()["active_requests"] == 0, 30, "the head to drop the request")
+        wait_for(lambda: single_node.status()["active_requests"] == 0, 30, "the head to drop the request")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(single_node.proc.pid, signal.SIGCONT)

@@ -14,9 +14,8 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import REPO, Daemon
+from tests.helpers import REPO, Daemon, boot_addr, wait_for
 from tests.integration.conftest import PROMPTS
-from tests.integration.test_daemon_swarm import _boot_addr, _wait
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +38,12 @@ def two_stage(tmp_path_factory):
     stage = Daemon(["--layers", "15:30"], tmp, name="stage")
     daemons = [stage]
     try:
-        boot = _boot_addr(stage)
+        boot = boot_addr(stage)
         # the head is told nothing but "auto, at most 15 layers": it must pick the gap 0:15
         head = Daemon(["--layers", "auto", "--max-layers", "15", "--bootstrap", boot], tmp, name="head")
         daemons.append(head)
         _start_all([stage, head])
-        _wait(lambda: stage.status()["ready"], 60, "the stage to forward to the head")
+        wait_for(lambda: stage.status()["ready"], 60, "the stage to forward to the head")
         yield head, stage
     finally:
         for d in reversed(daemons):
@@ -117,7 +116,7 @@ def test_half_model_peer_uses_less_memory(two_stage, single_node):
 def test_two_heads_share_the_swarm(two_stage, tmp_path, plain_vllm_outputs):
     """A second head and a second stage join: each head holds its own stage (one head per stage)."""
     head1, stage1 = two_stage
-    boot = _boot_addr(stage1)
+    boot = boot_addr(stage1)
     stage2 = Daemon(["--layers", "15:30", "--bootstrap", boot], tmp_path, name="stage2")
     head2 = None
     try:
@@ -165,7 +164,7 @@ def test_three_stages_with_spare_and_a_garbage_peer(tmp_path, model_dir, plain_v
     try:
         c = Daemon(["--layers", "20:30"], tmp_path, name="c")
         daemons.append(c)
-        boot = _boot_addr(c)
+        boot = boot_addr(c)
         b1 = Daemon(["--layers", "10:20", "--bootstrap", boot], tmp_path, name="b1")
         b2 = Daemon(["--layers", "10:20", "--bootstrap", boot], tmp_path, name="b2")
         daemons += [b1, b2]
@@ -176,7 +175,7 @@ def test_three_stages_with_spare_and_a_garbage_peer(tmp_path, model_dir, plain_v
         line = evil.stdout.readline()
         assert line.startswith("READY"), line
         evil_id = line.split()[1]
-        _wait(lambda: evil_id in {p["peer_id"] for p in c.status()["peers"]}, 20, "the evil peer to be seen")
+        wait_for(lambda: evil_id in {p["peer_id"] for p in c.status()["peers"]}, 20, "the evil peer to be seen")
         a = Daemon(["--layers", "0:10", "--bootstrap", boot], tmp_path, name="a")
         daemons.append(a)
         a.wait_ready(timeout=500)
