@@ -25,7 +25,8 @@ What runs:
   addresses ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<us>`` are advertised.
 * DCUtR on every node: a relayed connection is upgraded to a direct one when both
   NATs allow TCP hole punching (port-preserving cone NATs); otherwise the relay
-  keeps carrying the traffic.
+  keeps carrying the traffic. Failed attempts are retried with backoff for as long as
+  the connection stays relayed (:class:`PersistentDCUtR`).
 
 Traps found in py-libp2p 0.8.1 (see also design.md section 6):
 
@@ -53,6 +54,7 @@ import dataclasses
 import enum
 import ipaddress
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -156,6 +158,97 @@ def is_circuit(addr: Any) -> bool:
     return "/p2p-circuit" in str(addr)
 
 
+def connection_kind(host: Any, peer_id: ID) -> str | None:
+    """``"direct"`` if any of ``host``'s connections to the peer is direct, ``"relayed"``, or None."""
+    conns = host.get_network().connections.get(peer_id) or []
+    if not isinstance(conns, list):
+        conns = [conns]
+    kinds = [all(is_circuit(a) for a in _conn_addrs(c)) and bool(_conn_addrs(c)) for c in conns]
+    if not kinds:
+        return None
+    return "relayed" if all(kinds) else "direct"
+
+
+def hole_punch_backoff(failures: int, lo: float = 5.0, hi: float = 300.0) -> float:
+    """Seconds to wait before the next hole-punch attempt after ``failures`` failed ones
+    (exponential, capped; the caller adds jitter)."""
+    return min(hi, lo * 2.0 ** max(0, failures - 1))
+
+
+class PersistentDCUtR(DCUtRProtocol):
+    """py-libp2p's DCUtR with our own schedule for *initiating* hole punches.
+
+    The library's drive loop wakes every 2 s on both peers, initiates towards every
+    relayed peer at once, and gives up on a peer after three failed attempts for as long
+    as its relayed connection lives: a NAT mapping that was not ready yet, a lost SYN or
+    two sessions started on the same tick leave the pair relayed forever. Here:
+
+    * the peer with the smaller id initiates at once; the other waits ``yield_delay`` (plus
+      jitter) so the two do not run crossing sessions, yet still initiates if the first
+      never does (another implementation may only respond);
+    * after a failed attempt the peer is retried after :func:`hole_punch_backoff`
+      (5 s, 10 s, ... 5 min, with jitter) for as long as the connection stays relayed;
+    * attempts to different peers run concurrently (one slow peer delays no other).
+
+    The responder side, the SYNC timing and the dials are the library's.
+    """
+
+    tick = 1.0
+    yield_delay = 3.0
+
+    def __init__(self, host: Any, **kw: Any) -> None:
+        super().__init__(host, **kw)
+        self.schedule: dict[ID, tuple[float, int]] = {}  # relayed peer -> (next attempt at, failures)
+        self.attempts_total = 0
+        self.upgrades_total = 0
+
+    def _relayed_peers(self) -> list[ID]:
+        me = self.host.get_id()
+        return [pid for pid in list(self.host.get_network().connections)
+                if pid != me and connection_kind(self.host, pid) == "relayed"]
+
+    async def _auto_drive_loop(self) -> None:  # replaces the library's loop (same name, same caller)
+        me = str(self.host.get_id())
+        running: set[ID] = set()
+
+        async def attempt(pid: ID, failures: int) -> None:
+            self._hole_punch_attempts.pop(pid, None)  # our schedule replaces the library's budget
+            self.attempts_total += 1
+            try:
+                ok = await self.initiate_hole_punch(pid)
+            except Exception as e:  # noqa: BLE001 - any failure is retried later
+                log.debug("hole punch to %s failed: %s", pid, e)
+                ok = False
+            finally:
+                running.discard(pid)
+            if ok or connection_kind(self.host, pid) == "direct":
+                self.upgrades_total += 1
+                self.schedule.pop(pid, None)
+                log.info("nat: hole punch to %s succeeded (attempt %d)", pid, failures + 1)
+                return
+            wait = hole_punch_backoff(failures + 1) * random.uniform(0.8, 1.2)
+            self.schedule[pid] = (trio.current_time() + wait, failures + 1)
+            log.info("nat: hole punch to %s failed (attempt %d); retrying in %.0fs", pid, failures + 1, wait)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                relayed = set(self._relayed_peers())
+                for pid in [p for p in self.schedule if p not in relayed and p not in running]:
+                    del self.schedule[pid]  # gone, or direct now (maybe the other side's punch)
+                for pid in relayed:
+                    if pid in running or pid in self._in_progress:
+                        continue
+                    if pid not in self.schedule:
+                        first = 0.0 if me < str(pid) else self.yield_delay + random.uniform(0.0, 1.0)
+                        self.schedule[pid] = (now + first, 0)
+                    at, failures = self.schedule[pid]
+                    if now >= at:
+                        running.add(pid)
+                        nursery.start_soon(attempt, pid, failures)
+                await trio.sleep(self.tick)
+
+
 def _conn_addrs(conn: Any) -> list[str]:
     try:
         return [str(a) for a in conn.get_transport_addresses()]
@@ -191,8 +284,8 @@ class NatService:
         self.transport = CircuitV2Transport(
             host, self.protocol, RelayConfig(roles=RelayRole.STOP, limits=self.limits)
         )
-        self.dcutr: DCUtRProtocol | None = (
-            DCUtRProtocol(host, dial_timeout=config.dcutr_dial_timeout) if config.dcutr else None
+        self.dcutr: PersistentDCUtR | None = (
+            PersistentDCUtR(host, dial_timeout=config.dcutr_dial_timeout) if config.dcutr else None
         )
         self.serving_relay = False
         self._reservations: dict[ID, tuple[float, list[str]]] = {}  # relay -> (expiry, circuit addrs)
@@ -249,13 +342,7 @@ class NatService:
 
     def connection_kind(self, peer_id: ID) -> str | None:
         """``"direct"`` if any connection to the peer is direct, ``"relayed"``, or None."""
-        conns = self.host.get_network().connections.get(peer_id) or []
-        if not isinstance(conns, list):
-            conns = [conns]
-        kinds = [all(is_circuit(a) for a in _conn_addrs(c)) and bool(_conn_addrs(c)) for c in conns]
-        if not kinds:
-            return None
-        return "relayed" if all(kinds) else "direct"
+        return connection_kind(self.host, peer_id)
 
     async def connect(self, peer_id: ID | str, addrs: Iterable[str | multiaddr.Multiaddr]) -> str:
         """Make sure we have a connection to ``peer_id``; return its kind.
@@ -311,6 +398,11 @@ class NatService:
             "serving_relay": self.serving_relay,
             "reservations": {str(k): v[1] for k, v in self._reservations.items()},
             "advertised_addrs": self.advertised_addrs(),
+            "hole_punch": None if self.dcutr is None else {
+                "attempts": self.dcutr.attempts_total,
+                "upgrades": self.dcutr.upgrades_total,
+                "retrying": {str(k): v[1] for k, v in self.dcutr.schedule.items() if v[1]},
+            },
         }
 
     async def wait_changed(self) -> None:

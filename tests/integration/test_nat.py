@@ -12,6 +12,7 @@ the connection to a direct one where the NATs allow hole punching:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -35,9 +36,10 @@ if _reason:
 class Peer:
     """A nat_peer.py process; its JSON lines are collected by a reader thread."""
 
-    def __init__(self, name: str, proc: subprocess.Popen[str]) -> None:
+    def __init__(self, name: str, proc: subprocess.Popen[str], log: Path) -> None:
         self.name = name
         self.proc = proc
+        self.log = log
         self.events: list[dict] = []
         self._cv = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -70,26 +72,35 @@ class Peer:
         with self._cv:
             return [e for e in self.events if e["ev"] == ev]
 
-    def stderr_tail(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return "(running)"
-        return "\n".join(self.proc.stderr.read().splitlines()[-20:])
+    def stderr_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as e:
+            return f"(no log: {e})"
 
 
-def _run_swarm(kinds: tuple[str, str]) -> tuple[Peer, Peer, Peer]:
+def _run_swarm(kinds: tuple[str, str], logs: Path, settle: float) -> tuple[Peer, Peer, Peer]:
+    """Boot a public peer and two NATed peers; each logs (INFO) to a file under ``logs``
+    (a file, not a pipe: nobody reads stderr while they run, and a full pipe would block them)."""
+
+    def start(name: str, ns: object, argv: list[str]) -> Peer:
+        log = logs / f"{name}.log"
+        with open(log, "w") as f:
+            proc = lab.popen(ns, [sys.executable, PEER, "--log", "INFO", *argv], stderr=f,  # type: ignore[arg-type]
+                             env={**os.environ, "MOLINK_LIBP2P_LOG": "INFO"})
+        return Peer(name, proc, log)
+
     with open_nat_lab(kinds) as lab:  # type: ignore[arg-type]
-        boot = Peer("boot", lab.popen(lab.public, [
-            sys.executable, PEER, "--listen", f"/ip4/{lab.public.ip}/tcp/{PORT}", "--lifetime", "75"]))
+        boot = start("boot", lab.public, ["--listen", f"/ip4/{lab.public.ip}/tcp/{PORT}", "--lifetime", "120"])
         boot_id = boot.wait_for("up", 30)["id"]
         boot_addr = f"/ip4/{lab.public.ip}/tcp/{PORT}/p2p/{boot_id}"
         nated = [
-            Peer(f"nat{i + 1}", lab.popen(h, [
-                sys.executable, PEER, "--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--bootstrap", boot_addr,
-                "--expect", "1", "--settle", "12", "--lifetime", "60"]))
+            start(f"nat{i + 1}", h, ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--bootstrap", boot_addr,
+                                     "--expect", "1", "--settle", str(settle), "--lifetime", "100"])
             for i, h in enumerate(lab.hosts)
         ]
         for p in nated:
-            p.wait_for("done", 90)
+            p.wait_for("done", 130)
             p.proc.wait(timeout=15)
         return boot, nated[0], nated[1]
 
@@ -116,17 +127,18 @@ def _check_common(boot: Peer, a: Peer, b: Peer) -> tuple[str, str]:
     return a_id, b_id
 
 
-def test_cone_nats_relay_then_hole_punch() -> None:
-    boot, a, b = _run_swarm(("cone", "cone"))
+def test_cone_nats_relay_then_hole_punch(tmp_path: Path) -> None:
+    # a peer stops waiting as soon as it is direct; the settle time only bounds a failure
+    boot, a, b = _run_swarm(("cone", "cone"), tmp_path, settle=45)
     a_id, b_id = _check_common(boot, a, b)
     for p, other in ((a, b_id), (b, a_id)):
         kinds = [e["kind"] for e in p.all("kind") if e["peer"] == other]
-        assert "relayed" in kinds and kinds[-1] == "direct", f"{p.name}: {kinds}"
+        assert "relayed" in kinds and kinds[-1] == "direct", f"{p.name}: {kinds}\n{p.stderr_tail()}"
         assert p.wait_for("done", 0)["final"][other] == "direct"
 
 
-def test_symmetric_nats_stay_relayed() -> None:
-    boot, a, b = _run_swarm(("symmetric", "symmetric"))
+def test_symmetric_nats_stay_relayed(tmp_path: Path) -> None:
+    boot, a, b = _run_swarm(("symmetric", "symmetric"), tmp_path, settle=12)
     a_id, b_id = _check_common(boot, a, b)
     for p, other in ((a, b_id), (b, a_id)):
         kinds = [e["kind"] for e in p.all("kind") if e["peer"] == other]
