@@ -2,7 +2,8 @@
 
 The app talks to a *backend* with one method, ``stream(GenerationRequest) -> async iterator of
 events`` (see :mod:`molinkd.engine.driver`), and a ``model_name``. The backend may run the engine
-here (a head) or forward to a head over libp2p: the HTTP side does not care.
+here (a head) or forward to a head over libp2p: the HTTP side does not care. A request whose
+backend is lost mid-way is resumed on the next one (:mod:`molinkd.resume`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from molinkd.protocol import (
     parse_completion,
     parse_generate,
 )
+from molinkd.resume import no_backend, resilient_stream
 
 log = logging.getLogger("molinkd.api")
 MAX_BODY = 4 << 20
@@ -54,8 +56,10 @@ def create_app(
     status_fn: Callable[[], Awaitable[dict]],
     *,
     api_key: str | None = None,
+    on_resume: Callable[[], None] | None = None,
 ) -> QuartTrio:
-    """Build the Quart app. ``backend_fn()`` returns the current backend (or None if none yet)."""
+    """Build the Quart app. ``backend_fn()`` returns the current backend (or None if none yet);
+    ``on_resume()`` is called whenever a request is resumed on a new backend."""
     app = QuartTrio("molinkd")
     # Size is checked in _body(), which drains an oversized body before answering 413: clients that
     # upload before reading (most do) would otherwise block on a full socket and never see the 413.
@@ -106,7 +110,7 @@ def create_app(
     def _backend() -> Any:
         b = backend_fn()
         if b is None:
-            raise APIError(503, "no head serving this model is reachable yet (engine loading, or no route); retry in a few seconds and see /status")
+            raise no_backend()
         return b
 
     @app.get("/health")
@@ -150,9 +154,8 @@ def create_app(
                           lambda ev, r: finisher(ev, r, b.model_name))
 
     async def _run(req: GenerationRequest, streamer, finisher) -> Response:
-        b = _backend()
         req.request_id = req.request_id or uuid.uuid4().hex
-        events = b.stream(req)
+        events = resilient_stream(req, backend_fn, on_resume=on_resume)
         # Pull the first event before answering, so validation errors get a proper status code.
         try:
             first = await events.__anext__()

@@ -56,6 +56,9 @@ def check_event(ev: Any) -> dict:
     elif kind == "start":
         if not isinstance(ev["prompt"], str) or not _is_int(ev["prompt_tokens"]):
             raise FrameError("start event has wrong field types")
+        ids = ev.get("prompt_token_ids")
+        if ids is not None and not (isinstance(ids, list) and all(_is_int(t) and t >= 0 for t in ids)):
+            raise FrameError("start event prompt_token_ids must be a list of token ids")
         if not _is_int(ev["n"]) or not 1 <= ev["n"] <= MAX_N:
             raise FrameError(f"start event n must be in 1..{MAX_N}")
     elif not all(isinstance(ev[k], int) for k in ("prompt_tokens", "completion_tokens")):
@@ -96,7 +99,7 @@ async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Calla
         req.request_id = ""  # the head names its own requests (ids from peers could collide)
         backend = backend_fn()
         if backend is None:
-            raise APIError(503, "this head's engine is not ready")
+            raise APIError(503, "this head's engine is not ready", retryable=True)
     except (APIError, TypeError, ValueError) as e:
         err = e if isinstance(e, APIError) else APIError(400, f"malformed forwarded request: {e}")
         await _try_send(stream, ERROR, err.to_wire())
@@ -156,14 +159,15 @@ class RemoteBackend:
     async def _open(self) -> FramedStream:
         heads = self.pick_heads()
         if not heads:
-            raise APIError(503, "no head serving this model is reachable yet; retry shortly (see /status)")
+            raise APIError(503, "no head serving this model is reachable yet; retry shortly (see /status)",
+                           retryable=True)
         errors = []
         for peer in heads[:3]:
             try:
                 return await self.node.open_stream(peer, PROTOCOL, timeout=10)
             except Exception as e:  # DialError and friends
                 errors.append(f"{peer[:12]}: {e}")
-        raise APIError(502, "could not reach any head: " + "; ".join(errors))
+        raise APIError(502, "could not reach any head: " + "; ".join(errors), retryable=True)
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[dict]:
         stream = await self._open()
@@ -176,9 +180,11 @@ class RemoteBackend:
                     frame = await stream.recv(timeout=SILENCE_TIMEOUT)
                 except trio.TooSlowError:
                     raise APIError(504, f"the head {stream.peer[:12]} went silent for {SILENCE_TIMEOUT:.0f}s "
-                                        "(hung or unreachable); retry, another head may answer") from None
+                                        "(hung or unreachable); retry, another head may answer",
+                                   retryable=True) from None
                 except (StreamClosed, FrameError) as e:
-                    raise APIError(502, f"the head {stream.peer[:12]} failed mid-request: {e}") from None
+                    raise APIError(502, f"the head {stream.peer[:12]} failed mid-request: {e}",
+                                   retryable=True) from None
                 if frame.type == ALIVE:
                     continue
                 if frame.type == EVENT:

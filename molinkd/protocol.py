@@ -20,11 +20,15 @@ MAX_STOP_LEN = 256
 class APIError(Exception):
     """An error the client caused (or must hear about), with the HTTP status to answer."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, type_: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, type_: str | None = None,
+                 retryable: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        # the serving engine or peer was lost, not the request at fault: it may be resumed
+        # elsewhere (see molinkd.resume)
+        self.retryable = retryable
         self.type = type_ or {
             400: "invalid_request_error",
             401: "authentication_error",
@@ -38,7 +42,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
     def to_wire(self) -> dict:
-        return {"status": self.status, "message": self.message, "param": self.param, "type": self.type}
+        return {"status": self.status, "message": self.message, "param": self.param, "type": self.type,
+                "retryable": self.retryable}
 
     @classmethod
     def from_wire(cls, d: Any) -> "APIError":
@@ -47,7 +52,8 @@ class APIError(Exception):
         status = d.get("status")
         if not isinstance(status, int) or not 400 <= status <= 599:
             status = 502
-        return cls(status, str(d.get("message", "error")), param=d.get("param"), type_=d.get("type"))
+        return cls(status, str(d.get("message", "error")), param=d.get("param"), type_=d.get("type"),
+                   retryable=d.get("retryable") is True)
 
 
 def bad(message: str, param: str | None = None) -> APIError:

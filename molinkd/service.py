@@ -23,14 +23,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from molinkd import __version__, logs
+from molinkd import __version__, logs, runtime
 from molinkd.api import create_app, serve_http
 from molinkd.config import DaemonConfig
 from molinkd.engine.driver import EngineOptions, LocalBackend, LocalEngine
@@ -110,6 +109,7 @@ class Daemon:
         self.cfg = cfg
         self.model = model
         self.runtime_dir = runtime_dir
+        self.resumed_requests = 0  # requests that lost their engine or head and continued elsewhere
         layers = resolve_layers(cfg.layers, model.num_layers)
         self.span: tuple[int, int] = (0, 0) if layers == "auto" else layers  # type: ignore[assignment]
         self.auto = layers == "auto"
@@ -214,6 +214,9 @@ class Daemon:
 
     # -- status -----------------------------------------------------------------------------
 
+    def count_resume(self) -> None:
+        self.resumed_requests += 1
+
     async def status(self) -> dict:
         from p2p.records import coverage
 
@@ -254,6 +257,7 @@ class Daemon:
                 self.stage_addr is not None),
             "active_requests": (b.active if b else 0) + (self.remote.active if self.remote else 0),
             "total_requests": (b.total_requests if b else 0) + (self.remote.total_requests if self.remote else 0),
+            "resumed_requests": self.resumed_requests,
             "throughput": round(b.throughput.rate(), 2) if b else 0.0,
             "http": self.http_url,
             "route": [h["peer"] for h in self.route] if self.route else None,
@@ -591,66 +595,66 @@ async def _rtt_loop(d: Daemon) -> None:
 
 async def serve(cfg: DaemonConfig, stop: trio.Event | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until ``stop`` is set (then say goodbye to the swarm) or until cancelled."""
-    from molinkd.bridge import STAGE_PROTOCOL, serve_dial_socket
-    from p2p.discovery import Discovery
-    from p2p.host import NodeConfig, open_node
-
     try:
         model = await trio.to_thread.run_sync(load_model_info, cfg.model, cfg.served_model_name)
     except ModelError as e:
         raise StartupError(str(e)) from e
-    runtime_dir = Path(tempfile.mkdtemp(prefix="molinkd-"))
+    with runtime.runtime_dir() as rundir, runtime.scratch_in(rundir):
+        await _serve(cfg, model, rundir, stop, task_status)
+
+
+async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: trio.Event | None,
+                 task_status) -> None:
+    from molinkd.bridge import STAGE_PROTOCOL, serve_dial_socket
+    from p2p.discovery import Discovery
+    from p2p.host import NodeConfig, open_node
+
     d = Daemon(cfg, model, runtime_dir)
-    app = create_app(d.current_backend, d.status, api_key=cfg.api_key)
+    app = create_app(d.current_backend, d.status, api_key=cfg.api_key, on_resume=d.count_resume)
     node_cfg = NodeConfig(listen=tuple(cfg.listen), announce=tuple(cfg.announce), bootstrap=tuple(cfg.bootstrap),
                           identity_path=cfg.identity, swarm_key_path=cfg.swarm_key)
-    try:
-        async with open_node(node_cfg) as node, trio.open_nursery() as nursery:
-            d.node = node
-            _say(f"peer {node.peer_id}; join this swarm with:")
-            for a in node.addrs():
-                _say(f"    --bootstrap {a}")
-            try:
-                urls = await nursery.start(serve_http, app, cfg.http)
-            except OSError as e:
-                raise StartupError(f"cannot listen for HTTP on {cfg.http}: {e.strerror or e}; "
-                                   "choose another --http") from e
-            d.http_url = urls[0] if urls else f"http://{cfg.http}"
-            _say(f"HTTP API on {d.http_url} (model {model.name}, hash {model.short_hash})")
-            await nursery.start(_supervise_nat, d)
-            d.disc = Discovery(node, model.model_hash, d.record_fields, period=cfg.announce_period)
-            await nursery.start(d.disc.run)
-            d.remote = RemoteBackend(node, model.name, model.model_hash, d.head_candidates)
-            node.set_stream_handler(
-                GENERATE_PROTOCOL,
-                lambda s, remote: serve_generate(s, remote, backend_fn=lambda: d.backend,
-                                                 model_hash=model.model_hash))
-            await nursery.start(lambda task_status: serve_dial_socket(
-                node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, task_status=task_status))
-            nursery.start_soon(_rtt_loop, d)
-            if d.auto:
-                await _choose_auto_span(d)
-            role = d.role
-            if role == "full":
-                nursery.start_soon(_run_full, d)
-            elif role == "head":
-                nursery.start_soon(_run_head, d)
-            elif role == "stage":
-                nursery.start_soon(_run_stage, d)
-            else:
-                d.engine_state = "none"
-                _say("gateway: serving HTTP only, forwarding requests to heads")
-            task_status.started(d)
-            await (stop if stop is not None else trio.Event()).wait()
-            # graceful stop: the goodbye goes out while the host's own tasks still run
-            with trio.move_on_after(3):
-                await d.disc.leave()
-                await trio.sleep(0.3)
-            nursery.cancel_scope.cancel()
-    finally:
-        import shutil
-
-        shutil.rmtree(runtime_dir, ignore_errors=True)
+    async with open_node(node_cfg) as node, trio.open_nursery() as nursery:
+        d.node = node
+        _say(f"peer {node.peer_id}; join this swarm with:")
+        for a in node.addrs():
+            _say(f"    --bootstrap {a}")
+        try:
+            urls = await nursery.start(serve_http, app, cfg.http)
+        except OSError as e:
+            raise StartupError(f"cannot listen for HTTP on {cfg.http}: {e.strerror or e}; "
+                               "choose another --http") from e
+        d.http_url = urls[0] if urls else f"http://{cfg.http}"
+        _say(f"HTTP API on {d.http_url} (model {model.name}, hash {model.short_hash})")
+        await nursery.start(_supervise_nat, d)
+        d.disc = Discovery(node, model.model_hash, d.record_fields, period=cfg.announce_period)
+        await nursery.start(d.disc.run)
+        d.remote = RemoteBackend(node, model.name, model.model_hash, d.head_candidates)
+        node.set_stream_handler(
+            GENERATE_PROTOCOL,
+            lambda s, remote: serve_generate(s, remote, backend_fn=lambda: d.backend,
+                                             model_hash=model.model_hash))
+        await nursery.start(lambda task_status: serve_dial_socket(
+            node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, task_status=task_status))
+        nursery.start_soon(_rtt_loop, d)
+        if d.auto:
+            await _choose_auto_span(d)
+        role = d.role
+        if role == "full":
+            nursery.start_soon(_run_full, d)
+        elif role == "head":
+            nursery.start_soon(_run_head, d)
+        elif role == "stage":
+            nursery.start_soon(_run_stage, d)
+        else:
+            d.engine_state = "none"
+            _say("gateway: serving HTTP only, forwarding requests to heads")
+        task_status.started(d)
+        await (stop if stop is not None else trio.Event()).wait()
+        # graceful stop: the goodbye goes out while the host's own tasks still run
+        with trio.move_on_after(3):
+            await d.disc.leave()
+            await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
 
 
 async def _run_full(d: Daemon) -> None:

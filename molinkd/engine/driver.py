@@ -9,7 +9,7 @@ freeing its engine slot.
 :class:`LocalBackend` turns a validated :class:`~molinkd.protocol.GenerationRequest` into a stream
 of plain-dict events (msgpack-able, so the same events can be forwarded to another peer):
 
-- ``{"ev": "start", "prompt": str, "prompt_tokens": int, "n": int}``
+- ``{"ev": "start", "prompt": str, "prompt_tokens": int, "n": int, "prompt_token_ids": [...]}``
 - ``{"ev": "delta", "index": i, "text": str, "token_ids": [...], "logprobs": [...] | None,
   "finish_reason": str | None}``; logprobs: per token, a list of ``[token_id, logprob, rank,
   decoded]`` with the sampled token first
@@ -192,7 +192,7 @@ class LocalEngine:
     async def generate(self, prompt: dict, sampling: Any, request_id: str) -> AsyncIterator[trio.MemoryReceiveChannel]:
         """Yield a channel of vLLM ``RequestOutput`` (DELTA kind); leaving the block aborts the request."""
         if self.llm is None or self._loop is None:
-            raise APIError(503, "the engine is not running; check the daemon log")
+            raise APIError(503, "the engine is not running; check the daemon log", retryable=True)
         send, recv = trio.open_memory_channel(math.inf)
         put = _SafeSender(trio.lowlevel.current_trio_token(), send)
         llm = self.llm
@@ -286,6 +286,11 @@ class LocalBackend:
     def model_name(self) -> str:
         return self.engine.opts.served_name
 
+    @property
+    def ready(self) -> bool:
+        """Whether the engine still runs (a dead one is replaced by the daemon)."""
+        return self.engine.alive
+
     def _render(self, req: GenerationRequest) -> tuple[str, list[int]]:
         tok = self.engine.tokenizer
         if req.kind == "chat":
@@ -347,7 +352,7 @@ class LocalBackend:
         self.active += 1
         self.total_requests += 1
         try:
-            yield {"ev": "start", "prompt": prompt_text, "prompt_tokens": len(ids), "n": n}
+            yield {"ev": "start", "prompt": prompt_text, "prompt_tokens": len(ids), "n": n, "prompt_token_ids": ids}
             async with self.engine.generate({"prompt_token_ids": ids}, params, request_id) as chan:
                 async for kind, val in chan:
                     if kind == "end":
@@ -355,7 +360,8 @@ class LocalBackend:
                     if kind == "err":
                         if isinstance(val, (ValueError, _client_error())):
                             raise APIError(400, str(val))
-                        raise APIError(500, f"the engine failed: {type(val).__name__}: {val}") from val
+                        raise APIError(500, f"the engine failed: {type(val).__name__}: {val}",
+                                       retryable=True) from val
                     for o in val.outputs:
                         completion_tokens += len(o.token_ids)
                         self.throughput.add(len(o.token_ids))

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -142,12 +141,21 @@ def test_two_heads_share_the_swarm(two_stage, tmp_path, plain_vllm_outputs):
         # the stage process of a stage, vLLM's EngineCore of a head
         import psutil
 
+        from molinkd import runtime
+
         for d in (stage2, head2):
             kids = psutil.Process(d.proc.pid).children(recursive=True)
             assert kids
+            # its runtime directory holds vLLM's scratch files too (IPC sockets, rendezvous files)
+            (rundir,) = runtime.runtime_root().glob(f"{d.proc.pid}-*")
+            assert any((rundir / "tmp").iterdir()), (d.name, list(rundir.rglob("*")))
             os.kill(d.proc.pid, signal.SIGKILL)
             gone, alive = psutil.wait_procs(kids, timeout=20)
             assert not alive, (d.name, alive)
+            # the next daemon to start sweeps what the killed one left behind
+            assert rundir.exists()
+            assert rundir.name in runtime.sweep(runtime.runtime_root())
+            assert not rundir.exists()
     finally:
         if head2 is not None:
             head2.stop()
@@ -190,9 +198,65 @@ def test_three_stages_with_spare_and_a_garbage_peer(tmp_path, model_dir, plain_v
         for prompt, expected in zip(PROMPTS[:2], plain_vllm_outputs[:2]):
             assert _greedy(a, prompt) == prompt + expected
             assert _greedy(spare, prompt) == prompt + expected  # the spare answers HTTP too (forwards)
+        in_use = b1 if route[1] == ids["b1"] else b2
+        _kill_stage_mid_request(a, c, in_use, spare)
     finally:
         if evil is not None:
             evil.kill()
             evil.wait(timeout=10)
         for d in reversed(daemons):
             d.stop()
+
+
+def _kill_stage_mid_request(head: Daemon, asker: Daemon, victim: Daemon, spare: Daemon) -> None:
+    """SIGKILL the route's middle stage while two requests run: one streaming on the head, one
+    asked on the last stage (forwarded to the head). The head re-plans through the spare and
+    both requests finish: no error, no token lost or repeated (exact usage counts)."""
+    n_tok = 96
+    prompt = PROMPTS[2]
+    reference = _greedy(head, prompt, n_tok)[len(prompt):]  # an undisturbed run
+    before_kill: list[str] = []
+    chunks: list[dict] = []
+    results: dict = {}
+    streaming = threading.Event()
+
+    def stream_on_head() -> None:
+        body = {"model": "default", "prompt": prompt, "max_tokens": n_tok, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", head.url + "/v1/completions", json=body, timeout=600) as r:
+            results["head_status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+                    if sum(bool(c.get("choices")) for c in chunks) >= 8:
+                        streaming.set()
+
+    def ask_last_stage() -> None:
+        body = {"model": "default", "prompt": prompt, "max_tokens": n_tok, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(asker.url + "/v1/completions", json=body, timeout=600)
+        results["asker"] = (r.status_code, r.json())
+
+    threads = [threading.Thread(target=f) for f in (stream_on_head, ask_last_stage)]
+    for t in threads:
+        t.start()
+    assert streaming.wait(120), f"the streaming request never got going: {chunks}"
+    before_kill.append("".join(c["choices"][0]["text"] for c in chunks if c.get("choices")))
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads)
+
+    assert results["head_status"] == 200
+    assert not [c for c in chunks if "error" in c], [c for c in chunks if "error" in c]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert usage and usage[-1]["completion_tokens"] == n_tok, usage
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1] == "length"
+    # what the client saw before the kill is the undisturbed run's start, and the answer goes on from it
+    assert reference.startswith(before_kill[0]) and text.startswith(before_kill[0]) and len(text) > len(before_kill[0])
+    status, answer = results["asker"]
+    assert status == 200, answer
+    assert answer["usage"]["completion_tokens"] == n_tok and answer["choices"][0]["finish_reason"] == "length"
+    st = head.status()
+    assert spare.status()["peer_id"] in st["route"], st["route"]
+    assert st["resumed_requests"] >= 1 and asker.status()["resumed_requests"] >= 1
