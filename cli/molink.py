@@ -47,7 +47,8 @@ def render(st: dict) -> str:
     lines.append(f"peer     {st.get('peer_id') or '-'}")
     lines.append(f"model    {model.get('name')} (hash {str(model.get('hash', ''))[:16]}, {model.get('num_layers')} layers)")
     lines.append(f"layers   {lay[0]}:{lay[1]}   engine: {(st.get('engine') or {}).get('state', '-')}"
-                 f"   active requests: {st.get('active_requests', 0)}   throughput: {st.get('throughput', 0)} tok/s")
+                 f"   active requests: {st.get('active_requests', 0)}   throughput: {st.get('throughput', 0)} tok/s"
+                 + (f"   resumed: {st['resumed_requests']}" if st.get("resumed_requests") else ""))
     for a in st.get("addrs") or []:
         lines.append(f"addr     {a}")
     for b in st.get("bootstrap") or []:
@@ -64,9 +65,11 @@ def render(st: dict) -> str:
         lines.append(f"route    none yet: {st['route_error']}")
     nat = st.get("nat") or {}
     if nat:
+        hp = nat.get("hole_punch") or {}
         lines.append(f"nat      reachability {nat.get('reachability')}"
                      + (f", relays {', '.join(_short(r) for r in nat.get('reservations') or {})}"
-                        if nat.get("reservations") else ""))
+                        if nat.get("reservations") else "")
+                     + (f", hole punches {hp.get('upgrades', 0)}/{hp.get('attempts')}" if hp.get("attempts") else ""))
     for p, b in (st.get("banned") or {}).items():
         lines.append(f"banned   {_short(p)} for {b.get('for_s')}s: {b.get('reason')}")
     peers = st.get("peers") or []

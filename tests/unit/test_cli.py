@@ -57,3 +57,13 @@ def test_render_table():
                       {"peer_id": "QmAAAAAAAAAAAAAAAAAAA", "layers": [0, 2], "addrs": ["/ip4/1.2.3.4/tcp/1"]},
                       {"peer_id": "QmBBBBBBBBBBBBBBBBBBB", "layers": [2, 4], "rtt_ms": 1.5}]})
     assert "(me)" in out and "complete" in out and "2:4" in out
+
+
+def test_render_shows_resumes_and_hole_punches():
+    out = render({"peer_id": "QmA", "model": {"name": "m", "hash": "ab", "num_layers": 4}, "layers": [0, 4],
+                  "resumed_requests": 2, "peers": [],
+                  "nat": {"reachability": "private", "hole_punch": {"attempts": 3, "upgrades": 1, "retrying": {}}}})
+    assert "resumed: 2" in out and "hole punches 1/3" in out
+    quiet = render({"peer_id": "QmA", "model": {"name": "m"}, "layers": [0, 4], "peers": [],
+                    "nat": {"reachability": "public", "hole_punch": {"attempts": 0, "upgrades": 0}}})
+    assert "resumed" not in quiet and "hole punches" not in quiet
