@@ -13,6 +13,7 @@ leaves behind in ``/tmp`` when killed) go to ``<runtime dir>/tmp`` through the e
 from __future__ import annotations
 
 import contextlib
+import getpass
 import logging
 import os
 import shutil
@@ -32,7 +33,10 @@ def runtime_root() -> Path:
 def _tag(pid: int) -> str | None:
     """``<pid>-<start time>`` of a running process, or None if it does not run."""
     try:
-        return f"{pid}-{int(psutil.Process(pid).create_time())}"
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # dead, only not reaped yet
+            return None
+        return f"{pid}-{int(proc.create_time())}"
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
@@ -66,7 +70,8 @@ def runtime_dir() -> Iterator[Path]:
     sweep(root)
     path = root / (_tag(os.getpid()) or str(os.getpid()))
     shutil.rmtree(path, ignore_errors=True)
-    (path / "tmp").mkdir(mode=0o700, parents=True)
+    path.mkdir(mode=0o700)
+    (path / "tmp").mkdir(mode=0o700)
     try:
         yield path
     finally:
@@ -74,9 +79,18 @@ def runtime_dir() -> Iterator[Path]:
 
 
 def scratch_env(path: Path) -> dict[str, str]:
-    """Environment that sends vLLM's scratch files (IPC sockets, rendezvous files) under ``path``."""
+    """Environment that sends vLLM's scratch files (IPC sockets, rendezvous files) under ``path``.
+
+    torch's compile cache is a cache, not scratch: it stays where it was (shared by restarts)."""
     tmp = str(path / "tmp")
-    return {"TMPDIR": tmp, "VLLM_RPC_BASE_PATH": tmp}
+    env = {"TMPDIR": tmp, "VLLM_RPC_BASE_PATH": tmp}
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        try:
+            user = getpass.getuser()
+        except Exception:  # noqa: BLE001 - no user name (containers): torch's own fallback
+            user = str(os.getuid())
+        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    return env
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ def test_runtime_dir_is_private_and_removed(root: Path) -> None:
     with runtime.runtime_dir() as d:
         assert d.parent == root and d.name.startswith(f"{os.getpid()}-")
         assert (d / "tmp").is_dir()
-        assert root.stat().st_mode & 0o777 == 0o700
+        assert root.stat().st_mode & 0o777 == 0o700 and d.stat().st_mode & 0o777 == 0o700
         (d / "stage.log").write_text("x")
     assert not d.exists()
 
@@ -48,12 +49,31 @@ def test_sweep_removes_only_dead_daemons(root: Path) -> None:
         assert mine.exists()
 
 
+def test_an_unreaped_daemon_counts_as_dead(root: Path) -> None:
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        proc = psutil.Process(child.pid)
+        name = f"{child.pid}-{int(proc.create_time())}"
+        deadline = time.monotonic() + 10
+        while proc.status() != psutil.STATUS_ZOMBIE:  # exited, not reaped (we never wait for it here)
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert runtime.is_stale(name)
+    finally:
+        child.wait()
+
+
 def test_scratch_in_redirects_and_restores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
     before = tempfile.gettempdir()
     (tmp_path / "tmp").mkdir()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     with runtime.scratch_in(tmp_path):
         assert os.environ["VLLM_RPC_BASE_PATH"] == str(tmp_path / "tmp")
+        # torch's compile cache stays shared (outside the per-daemon directory)
+        assert not os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))
         assert tempfile.gettempdir() == str(tmp_path / "tmp")
         out = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
                              capture_output=True, text=True, check=True).stdout.strip()
