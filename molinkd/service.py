@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -41,6 +42,9 @@ log = logging.getLogger("molinkd")
 
 DEFAULT_THROUGHPUT = 50.0  # tokens/s announced before anything was measured
 ROUTE_RETRY = 1.0
+# a route peer missing from the peer table this long (after its record expired) is taken as
+# hung or gone: the head stops its engine and re-plans (requests in flight are resumed)
+ROUTE_PEER_GRACE = 4.0
 ENGINE_RESTART_BACKOFF = (2.0, 30.0)
 
 
@@ -300,8 +304,40 @@ def _self_record(d: Daemon) -> Any:
 # ------------------------------------------------------------------------------ role tasks
 
 
-async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED, extra: dict | None = None) -> None:
-    """Run a local engine (full model, or a pipeline head when ``extra`` holds its kwargs/env)."""
+class RouteLost(RuntimeError):
+    """A peer of the running route stopped announcing itself (hung, or gone without a word)."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__(f"stage {peer[:16]} stopped announcing itself (hung, or gone without a goodbye)")
+        self.peer = peer
+
+
+def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) -> Callable[[], None]:
+    """A check to call every second while a pipeline runs: raises :class:`RouteLost` once a remote
+    stage of ``hops`` has been missing from the peer table for ``grace`` seconds. A hung stage
+    never closes its stream, and its step may take a while; its silence on the swarm is quicker
+    to see than any step deadline that must allow for big prefills on slow machines."""
+    missing_since: dict[str, float] = {}
+
+    def check() -> None:
+        present = {r.peer_id for r in d.disc.snapshot() if r.online} if d.disc else set()
+        now = time.monotonic()
+        for h in hops[1:]:
+            peer = h["peer"]
+            if peer in present:
+                missing_since.pop(peer, None)
+                continue
+            since = missing_since.setdefault(peer, now)
+            if now - since >= grace:
+                raise RouteLost(peer)
+
+    return check
+
+
+async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED, extra: dict | None = None,
+                      watch: Callable[[], None] | None = None) -> None:
+    """Run a local engine (full model, or a pipeline head when ``extra`` holds its kwargs/env).
+    ``watch()`` is called every second while it runs; whatever it raises stops the engine."""
     engine = LocalEngine(engine_options(d.cfg, d.model, **(extra or {})))
     d.engine = engine
     d.engine_state = "loading"
@@ -324,6 +360,8 @@ async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED, extra:
     try:
         while engine.alive:
             await trio.sleep(1.0)
+            if watch is not None:
+                watch()
         raise RuntimeError("the engine stopped (a stage failed or the engine process died)")
     finally:
         d.backend = None
@@ -397,9 +435,10 @@ async def _run_head(d: Daemon) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(d.stats_path)
         try:
-            await _run_engine(d, extra={"extra_kwargs": tuple(kwargs.items()), "extra_env": extra_env})
+            await _run_engine(d, extra={"extra_kwargs": tuple(kwargs.items()), "extra_env": extra_env},
+                              watch=route_watch(d, hops))
         except Exception as e:  # the engine died or could not open the session: re-plan
-            failure = _read_failure(d)
+            failure = {"message": str(e), "peer": e.peer} if isinstance(e, RouteLost) else _read_failure(d)
             d.engine_error = failure.get("message") or f"{type(e).__name__}: {e}"
             d.engine_state = "restarting"
             culprit = failure.get("peer")

@@ -99,6 +99,10 @@ def _apply_env(opts: EngineOptions) -> None:
         os.environ[k] = v
 
 
+class EngineStopped(RuntimeError):
+    """The daemon stopped the engine while requests were in flight."""
+
+
 class _SafeSender:
     """Send into a trio channel from another thread; silently drops once the receiver is gone."""
 
@@ -131,6 +135,7 @@ class LocalEngine:
         self.max_model_len: int = opts.max_model_len or 0
         self.num_kv_blocks: int | None = None
         self.started_at: float | None = None
+        self._pending: set[_SafeSender] = set()  # channels of requests in flight
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -165,6 +170,9 @@ class LocalEngine:
             with contextlib.suppress(Exception):
                 fut.result(timeout=30)
         self._stop_loop()
+        # AsyncLLM.shutdown leaves its requests waiting for outputs that never come: end them
+        for put in list(self._pending):
+            put(("err", EngineStopped("the engine was stopped (its pipeline is being rebuilt)")))
 
     async def _shutdown(self) -> None:
         self.llm.shutdown()
@@ -208,12 +216,15 @@ class LocalEngine:
                 put(("err", e))
 
         fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        self._pending.add(put)
         try:
             async with recv:
                 yield recv
         finally:
-            if not fut.done():
-                self._loop.call_soon_threadsafe(fut.cancel)
+            self._pending.discard(put)
+            loop = self._loop
+            if not fut.done() and loop is not None:
+                loop.call_soon_threadsafe(fut.cancel)
             send.close()
 
 

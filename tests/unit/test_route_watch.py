@@ -1,0 +1,35 @@
+"""The head's watch over its route: a stage that stops announcing itself ends the pipeline."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from molinkd.service import RouteLost, route_watch
+
+HOPS = [{"peer": "head"}, {"peer": "s1"}, {"peer": "s2"}]
+
+
+def _daemon(*online: str):
+    recs = [types.SimpleNamespace(peer_id=p, online=True) for p in online]
+    return types.SimpleNamespace(disc=types.SimpleNamespace(snapshot=lambda: recs))
+
+
+def test_a_complete_route_passes() -> None:
+    route_watch(_daemon("s1", "s2"), HOPS, grace=0)()  # the head itself need not be in its own table
+
+
+def test_a_missing_stage_is_reported_after_the_grace_period() -> None:
+    check = route_watch(_daemon("s1"), HOPS, grace=0)
+    with pytest.raises(RouteLost) as ei:
+        check()
+    assert ei.value.peer == "s2" and "stopped announcing" in str(ei.value)
+
+
+def test_a_stage_that_comes_back_within_the_grace_period_is_forgiven() -> None:
+    d = _daemon("s1")
+    check = route_watch(d, HOPS, grace=3600)
+    check()  # missing, but not for long
+    d.disc.snapshot = lambda: [types.SimpleNamespace(peer_id=p, online=True) for p in ("s1", "s2")]
+    check()
