@@ -172,7 +172,7 @@ class LocalEngine:
         self._stop_loop()
         # AsyncLLM.shutdown leaves its requests waiting for outputs that never come: end them
         for put in list(self._pending):
-            put(("err", EngineStopped("the engine was stopped (its pipeline is being rebuilt)")))
+            put(("err", EngineStopped("the engine was stopped (it is being restarted, or the daemon is stopping)")))
 
     async def _shutdown(self) -> None:
         self.llm.shutdown()

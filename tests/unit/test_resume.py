@@ -62,7 +62,7 @@ class Scripted:
         if self.fail is not None:
             self.ready = False
             raise self.fail
-        yield {"ev": "end", "prompt_tokens": 3 + len(req.prompt_token_ids or []) - 3, "completion_tokens": len(self.tokens)}
+        yield {"ev": "end", "prompt_tokens": len(req.prompt_token_ids or []), "completion_tokens": len(self.tokens)}
 
 
 async def _collect(req, backends: list, timeout: float = 5.0) -> list[dict]:
