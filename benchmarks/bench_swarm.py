@@ -79,17 +79,20 @@ def main() -> int:
                    help="split: each stage pinned to its own cores; shared: all stages may use all cores")
     a = p.parse_args()
     batches = [int(x) for x in a.batches.split(",")]
-    tmp = Path(tempfile.mkdtemp(prefix="molink-bench-"))
-    cores = os.cpu_count() or 2
-    single = bench([["--layers", "all"]], "single-node", batches, a.tokens, tmp,
-                   [{"OMP_NUM_THREADS": str(cores), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}])
-    if a.stage_threads == "split":  # each stage its own half of the cores (they overlap at batch > 1)
-        half = max(1, cores // 2)
-        envs = [{"OMP_NUM_THREADS": str(half), "VLLM_CPU_OMP_THREADS_BIND": f"{half}-{cores - 1}"},
-                {"OMP_NUM_THREADS": str(half), "VLLM_CPU_OMP_THREADS_BIND": f"0-{half - 1}"}]
-    else:  # "shared": every stage may use every core (they alternate at batch 1)
-        envs = [{"OMP_NUM_THREADS": str(cores), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}] * 2
-    two = bench([["--layers", "15:30"], ["--layers", "0:15"]], "2-stage", batches, a.tokens, tmp, envs)
+    # daemon logs and keys live here while the benchmark runs (a failing daemon's log tail is
+    # printed by the helper); nothing is left behind
+    with tempfile.TemporaryDirectory(prefix="molink-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        cores = os.cpu_count() or 2
+        single = bench([["--layers", "all"]], "single-node", batches, a.tokens, tmp,
+                       [{"OMP_NUM_THREADS": str(cores), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}])
+        if a.stage_threads == "split":  # each stage its own half of the cores (they overlap at batch > 1)
+            half = max(1, cores // 2)
+            envs = [{"OMP_NUM_THREADS": str(half), "VLLM_CPU_OMP_THREADS_BIND": f"{half}-{cores - 1}"},
+                    {"OMP_NUM_THREADS": str(half), "VLLM_CPU_OMP_THREADS_BIND": f"0-{half - 1}"}]
+        else:  # "shared": every stage may use every core (they alternate at batch 1)
+            envs = [{"OMP_NUM_THREADS": str(cores), "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}"}] * 2
+        two = bench([["--layers", "15:30"], ["--layers", "0:15"]], "2-stage", batches, a.tokens, tmp, envs)
     result = {"tokens": a.tokens, "single": single, "two_stage": two,
               "ratio": {b: round(two[b] / single[b], 3) for b in batches}}
     for b in batches:
