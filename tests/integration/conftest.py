@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from molinkd import runtime
 from molinkd.model import prepare_embedded
 from tests.helpers import Daemon
 
@@ -19,6 +20,14 @@ PROMPTS = [
     "The three primary colors are",
 ]
 API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sweep_killed_daemons():
+    """Tests kill daemons on purpose; a killed daemon's runtime directory is swept by the next
+    daemon to start, and after the last test by this (the product's own sweep)."""
+    yield
+    runtime.sweep(runtime.runtime_root())
 
 
 @pytest.fixture(scope="session")
