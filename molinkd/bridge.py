@@ -7,9 +7,11 @@ sockets (:mod:`molinkd.engine.link`). The daemon joins the two worlds:
   ``p2p.dial {"peer", "proto"}``, gets ``p2p.dial_ok {}`` (or ``p2p.dial_err {"message"}``), and
   from then on the connection is a byte pipe to a libp2p stream to that peer. An address
   ``p2p:<peer id>`` in a route means exactly this (see ``link.FramedLink.connect``).
-- **stage protocol** ``/molink/stage/1``: an incoming libp2p stream is piped to the local stage
-  process's socket. The first frame (the session hello) is inspected to learn which head the
-  stage serves, so the daemon can announce it (one head per stage at a time).
+- **stage protocol** ``/molink/stage/1``: an incoming libp2p stream whose first frame is an
+  admitted session hello/open (:mod:`molinkd.engine.admission`: the opener is the route's previous
+  hop, the route is ours, its addresses are peer ids) is piped to the local stage process's socket,
+  preceded by ``p2p.from {peer}``. The daemon learns which head the stage serves from it, so it
+  can announce it (one head per stage at a time).
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ from typing import Any, Callable
 
 import trio
 
+from molinkd import logs
+from molinkd.engine.admission import AdmissionError, Admitted
+from molinkd.engine.link import P2P_DIAL as DIAL  # one definition of the local protocol
+from molinkd.engine.link import P2P_DIAL_OK as DIAL_OK
+from molinkd.engine.link import P2P_FROM as FROM
+from molinkd.engine.link import STAGE_PROTOCOL
+from molinkd.engine.wire import HELLO, OPEN
 from p2p.framing import FrameError, encode_frame
 from p2p.streams import FramedStream, StreamClosed
 
 log = logging.getLogger("molinkd.bridge")
-
-from molinkd.engine.link import P2P_DIAL as DIAL  # noqa: E402  (one definition of the local protocol)
-from molinkd.engine.link import P2P_DIAL_OK as DIAL_OK  # noqa: E402
-from molinkd.engine.link import STAGE_PROTOCOL  # noqa: E402
 
 DIAL_ERR = "p2p.dial_err"
 # A head probes a stage before routing through it; the stage's daemon answers from what it knows.
@@ -80,8 +85,14 @@ async def pipe(a: Any, b: Any, label: str = "") -> None:
 
 
 async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str],
+                            may_dial: Callable[[str, int, int], str | None],
                             task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on Unix socket ``path`` for engine processes that want a libp2p stream."""
+    """Listen on Unix socket ``path`` for engine processes that want a libp2p stream.
+
+    A request names the peer and the layer span it must serve; ``may_dial(peer, start, end)``
+    returns None to allow it, or the reason to refuse (the peer is not announcing that span for
+    our model): engine processes relay routes that came off the network, so the daemon only dials
+    peers the swarm shows serving the span asked for."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -106,10 +117,19 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
             if frame.type != DIAL:
                 raise FrameError(f"expected {DIAL}, got {frame.type}")
             peer, proto = frame.get("peer"), frame.get("proto")
-            if not isinstance(peer, str) or proto not in allowed_protocols:
-                raise FrameError(f"bad dial request {frame.body!r}")
+            start, end = frame.get("start"), frame.get("end")
+            if (not isinstance(peer, str) or proto not in allowed_protocols or not _is_int(start)
+                    or not _is_int(end)):
+                raise FrameError(f"bad dial request {str(frame.body)[:200]}")
         except (FrameError, StreamClosed, trio.TooSlowError) as e:
             log.warning("dial socket: dropping a local connection: %s", e)
+            await raw.close()
+            return
+        refusal = may_dial(peer, start, end)
+        if refusal is not None:
+            log.warning("dial socket: refusing to dial %s: %s", peer[:16], refusal)
+            with contextlib.suppress(Exception):
+                await local.send(DIAL_ERR, {"message": f"will not dial {peer[:16]}: {refusal}"})
             await raw.close()
             return
         try:
@@ -132,14 +152,22 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
         await trio.serve_listeners(handle, [listener])
 
 
-def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Callable[[str | None, str], bool],
-                         on_end: Callable[[str], None], info_fn: Callable[[], dict]):
-    """A ``/molink/stage/1`` handler piping to the local stage process.
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    ``local_addr_fn()`` returns ``unix:/path`` of the stage process (None while it loads);
-    ``on_session(head_peer, upstream)`` returns False to refuse (the stage serves another head);
-    ``on_end(upstream)`` pairs with every accepted session; they let the daemon announce which head
-    it serves. The first frame must be a session hello/open naming the route; it is forwarded as is.
+
+def stage_stream_handler(local_addr_fn: Callable[[], str | None], admit_fn: Callable[[Any, str], Admitted],
+                         on_session: Callable[[Admitted, str], bool], on_end: Callable[[str], None],
+                         info_fn: Callable[[], dict]):
+    """A ``/molink/stage/1`` handler piping admitted sessions to the local stage process.
+
+    The first frame must be a ``stage.probe`` (answered here) or a session hello/open.
+    ``admit_fn(body, remote)`` checks the session against this stage and the authenticated peer
+    that opened the stream (see :mod:`molinkd.engine.admission`; raises AdmissionError): a refused
+    session changes nothing. ``local_addr_fn()`` returns ``unix:/path`` of the stage process (None
+    while it loads); ``on_session(admitted, upstream)`` returns False to refuse (the stage serves
+    another head); ``on_end(upstream)`` pairs with every accepted session. The stage process gets a
+    ``p2p.from {peer}`` frame first, so it checks every later frame of the session itself.
     """
 
     async def handler(stream: FramedStream, remote: str) -> None:
@@ -152,20 +180,20 @@ def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Ca
             with trio.move_on_after(5):
                 await stream.send(INFO, info_fn())
             return
+        if first.type not in (HELLO, OPEN):
+            await _reject(stream, f"a stage stream starts with {PROBE}, {HELLO} or {OPEN}, not {first.type[:40]!r}")
+            return
+        try:
+            admitted = admit_fn(first.body, remote)
+        except AdmissionError as e:
+            log.warning("refused a stage session", extra=logs.kv(peer=remote, reason=str(e)))
+            await _reject(stream, f"session refused: {e}")
+            return
         addr = local_addr_fn()
         if not addr or not addr.startswith("unix:"):
             await _reject(stream, "this stage's engine is not ready")
             return
-        head = None
-        route = first.get("route")
-        if isinstance(route, list) and route and isinstance(route[0], dict):
-            head = route[0].get("peer") if isinstance(route[0].get("peer"), str) else None
-            if isinstance(route[1] if len(route) > 1 else None, dict) and route[1].get("addr", "").endswith(
-                    str(info_fn().get("peer"))) and head != remote:
-                # we are the first remote stage: the stream must come from the head it names
-                await _reject(stream, "the session's head is not the peer that opened the stream")
-                return
-        if not on_session(head, remote):
+        if not on_session(admitted, remote):
             await _reject(stream, "this stage is serving another head; route around it")
             return
         try:
@@ -176,6 +204,7 @@ def stage_stream_handler(local_addr_fn: Callable[[], str | None], on_session: Ca
             return
         local = _TrioRaw(conn)
         try:
+            await local.write(encode_frame(FROM, {"peer": remote}))
             await local.write(encode_frame(first.type, first.body))
             leftover = stream.take_unparsed()  # bytes read past the hello must not be lost
             if leftover:

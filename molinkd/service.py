@@ -189,6 +189,19 @@ class Daemon:
         heads.sort(key=lambda r: (r.active_requests, self.rtts.get(r.peer_id, 1.0), r.peer_id))
         return [r.peer_id for r in heads]
 
+    def may_dial(self, peer: str, start: int, end: int) -> str | None:
+        """Whether an engine process of ours may reach ``peer`` as the stage for ``start:end``:
+        None if the swarm shows that peer online, serving exactly that span of our model as a
+        stage; otherwise the reason. Routes relayed by engine processes come off the network."""
+        rec = self.disc.table.get(peer) if self.disc is not None else None
+        if rec is None or not rec.online:
+            return "it is not announcing itself in this swarm"
+        if rec.model_hash != self.model.model_hash:
+            return "it serves another model"
+        if (rec.span_start, rec.span_end) != (start, end) or start <= 0:
+            return f"it serves layers {rec.span_start}:{rec.span_end}, not {start}:{end}"
+        return None
+
     # -- announcements --------------------------------------------------------------------------
 
     def record_fields(self) -> dict:
@@ -504,11 +517,18 @@ async def _run_stage(d: Daemon) -> None:
     """Run the stage process for this peer's span and keep it running."""
     from molinkd.bridge import STAGE_PROTOCOL, stage_stream_handler
 
-    def on_session(head: str | None, upstream: str) -> bool:
+    def admit(body: Any, remote: str) -> Any:
+        from molinkd.engine.admission import admit as admit_session
+
+        return admit_session(body, me=d.node.peer_id, span=d.span, num_layers=d.model.num_layers,
+                             model_hash=d.model.model_hash, opener=remote)
+
+    def on_session(admitted: Any, upstream: str) -> bool:
+        head = admitted.head
         if d.serving_head is not None and d.stage_sessions and head != d.serving_head:
             return False  # one head per stage: its KV cache belongs to one scheduler
         d.stage_sessions[upstream] += 1
-        if head and head != d.serving_head:
+        if head != d.serving_head:
             d.serving_head = head
             d.disc.announce_now()
         return True
@@ -525,7 +545,7 @@ async def _run_stage(d: Daemon) -> None:
         return {"peer": d.node.peer_id, "model_hash": d.model.model_hash, "span": list(d.span),
                 "ready": d.stage_addr is not None, "serving_head": d.serving_head, "version": __version__}
 
-    d.node.set_stream_handler(STAGE_PROTOCOL, stage_stream_handler(lambda: d.stage_addr, on_session, on_end, info))
+    d.node.set_stream_handler(STAGE_PROTOCOL, stage_stream_handler(lambda: d.stage_addr, admit, on_session, on_end, info))
     backoff = _Backoff()
     while True:
         sock = d.runtime_dir / "stage.sock"
@@ -673,7 +693,7 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
             lambda s, remote: serve_generate(s, remote, backend_fn=lambda: d.backend,
                                              model_hash=model.model_hash))
         await nursery.start(lambda task_status: serve_dial_socket(
-            node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, task_status=task_status))
+            node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial, task_status=task_status))
         nursery.start_soon(_rtt_loop, d)
         if d.auto:
             await _choose_auto_span(d)

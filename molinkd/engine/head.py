@@ -115,12 +115,15 @@ class StepStats:
     def record(self, peer: str, ms: float) -> None:
         self.stage_ms[peer] = self._ewma(self.stage_ms.get(peer), ms)
 
-    def record_result(self, timings: Any, sent_at: float | None) -> None:
+    def record_result(self, timings: Any, sent_at: float | None, peers: frozenset[str] = frozenset()) -> None:
+        """Count a step; take the stages' reported times only for ``peers`` (the route's), so a
+        stage cannot fill the head's memory or its /status with invented peers."""
         self.steps += 1
         if isinstance(timings, list):
-            for item in timings[:64]:
-                if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(
-                        item[1], (int, float)):
+            for item in timings[:len(peers)]:
+                if (isinstance(item, list) and len(item) == 2 and item[0] in peers
+                        and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)
+                        and 0 <= item[1] < 1e7):
                     self.record(item[0], float(item[1]))
         if sent_at is not None:
             self.round_trip_ms = self._ewma(self.round_trip_ms, (time.perf_counter() - sent_at) * 1000)
@@ -176,7 +179,11 @@ class PipelineExecutor(Executor):
         self.step_timeout = float(cfg["step_timeout"])
         self.session = uuid.uuid4().hex
         self._dead: str | None = None
-        self._futures: dict[int, tuple[Future, float]] = {}
+        # step -> (future, deadline, its scheduler output: the result is checked against it)
+        self._futures: dict[int, tuple[Future, float, Any]] = {}
+        self.limits: Any = None  # SessionLimits once the session is open
+        self._step_sched: dict[int, Any] = {}  # sampled steps run locally, not yet sent
+        self._route_peers = frozenset(h["peer"] for h in self.route)
         self._lock = threading.Lock()
         self._control: queue.Queue = queue.Queue()
         self._step_ids = itertools.count(1)
@@ -200,7 +207,9 @@ class PipelineExecutor(Executor):
 
         _watch_parent()
         try:
-            self.link = FramedLink.connect(self.route[1]["addr"], timeout=float(cfg["connect_timeout"]))
+            first = self.route[1]
+            self.link = FramedLink.connect(first["addr"], timeout=float(cfg["connect_timeout"]),
+                                           span=(first["start"], first["end"]))
         except Exception as e:
             self.step_stats.record_failure(f"cannot connect to the first stage: {e}", self.route[1]["peer"])
             raise
@@ -208,7 +217,14 @@ class PipelineExecutor(Executor):
         self._reader.start()
         self._send(wire.HELLO, self._session_body(0))
         reply = self._await_control(wire.HELLO_OK, float(cfg["open_timeout"]))
-        self.remote_stages = reply["stages"]
+        from molinkd.engine.wire import check_hello_ok
+
+        try:
+            self.remote_stages = check_hello_ok(reply, self.route, self.session)["stages"]
+        except Exception as e:
+            msg = f"the pipeline answered the session hello with a bad stage list: {e}"
+            self.step_stats.record_failure(msg, self.route[1]["peer"])
+            raise PipelineError(msg) from None
         log.info("pipeline session %s: %s", self.session[:8], self.remote_stages)
 
     def _session_body(self, num_blocks: int) -> dict:
@@ -247,6 +263,11 @@ class PipelineExecutor(Executor):
         with set_current_vllm_config(self.vllm_config):
             self.worker.initialize_from_config(cfg)
         self.worker.kv_blocks = cfg.num_blocks
+        from molinkd.engine.admission import session_limits
+
+        mc = self.model_config
+        self.limits = session_limits(self._session_body(cfg.num_blocks), vocab_size=mc.get_vocab_size(),
+                                     hidden_size=mc.get_hidden_size())
 
     # --- worker calls ----------------------------------------------------------------------
 
@@ -303,6 +324,7 @@ class PipelineExecutor(Executor):
             if wire_hidden is None:
                 raise PipelineError("stage 0 produced no hidden states for a non-empty step")
             self._unsent.append((step, {"step": step, "sched": sched, "grammar": None, "hidden": wire_hidden, "sample": True}))
+            self._step_sched[step] = scheduler_output
             result = None
         if non_block:
             fut: Future = Future()
@@ -316,10 +338,11 @@ class PipelineExecutor(Executor):
         if not self._unsent or not self._unsent[0][1]["sample"]:
             raise PipelineError("sample_tokens called without a preceding non-empty execute_model")
         step, body = self._unsent.popleft()
+        so = self._step_sched.pop(step)
         body["grammar"] = schedwire.encode_grammar_output(grammar_output)
         fut: Future = Future()
         with self._lock:
-            self._futures[step] = (fut, time.monotonic() + self.step_timeout)
+            self._futures[step] = (fut, time.monotonic() + self.step_timeout, so)
             self._sent_at[step] = time.perf_counter()
         try:
             self._send(wire.STEP, body)
@@ -400,7 +423,7 @@ class PipelineExecutor(Executor):
             except LinkTimeout:
                 now = time.monotonic()
                 with self._lock:
-                    late = [s for s, (_, dl) in self._futures.items() if dl < now]
+                    late = [s for s, (_, dl, _) in self._futures.items() if dl < now]
                 if late:
                     self._fail(f"step {late[0]} got no result within {self.step_timeout}s")
                     return
@@ -422,11 +445,17 @@ class PipelineExecutor(Executor):
                     log.warning("result for unknown step %r", step)
                     continue
                 sent = self._sent_at.pop(step, None)
-                self.step_stats.record_result(f.get("timings"), sent)
+                self.step_stats.record_result(f.get("timings"), sent, self._route_peers)
                 try:
-                    entry[0].set_result(schedwire.decode_model_runner_output(f.get("output")))
+                    out = schedwire.decode_model_runner_output(f.get("output"))
+                    schedwire.check_model_runner_output(out, entry[2], self.limits)
                 except Exception as e:
-                    entry[0].set_exception(PipelineError(f"bad result for step {step}: {e}"))
+                    # the last stage sampled it; the stages between only relay it
+                    msg = f"bad result for step {step} from the last stage: {e}"
+                    entry[0].set_exception(PipelineError(msg))
+                    self._fail(msg, self.route[-1]["peer"])
+                    return
+                entry[0].set_result(out)
             elif f.type == wire.ERROR:
                 msg = f"stage {f.get('stage')} failed at step {f.get('step')}: {f.get('message')}"
                 self._control.put((f.type, f.body))
@@ -453,7 +482,7 @@ class PipelineExecutor(Executor):
         with self._lock:
             items = list(self._futures.values())
             self._futures.clear()
-        for fut, _ in items:
+        for fut, _, _ in items:
             if not fut.done():
                 fut.set_exception(PipelineError(msg))
 

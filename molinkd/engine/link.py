@@ -17,6 +17,9 @@ from p2p.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 
 # the daemon's dial socket protocol (molinkd.bridge owns the other side)
 P2P_DIAL, P2P_DIAL_OK = "p2p.dial", "p2p.dial_ok"
+# first frame the daemon writes to its stage process for each incoming stream: {"peer": the
+# authenticated libp2p peer id that opened it}; the stage process checks every session against it
+P2P_FROM = "p2p.from"
 STAGE_PROTOCOL = "/molink/stage/1"
 
 
@@ -52,9 +55,14 @@ class FramedLink:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @classmethod
-    def connect(cls, addr: str, *, timeout: float = 10.0, **kw: Any) -> FramedLink:
+    def connect(cls, addr: str, *, timeout: float = 10.0, span: tuple[int, int] | None = None,
+                **kw: Any) -> FramedLink:
+        """Connect to ``addr``. For ``p2p:<peer id>``, ``span`` is the layer span that peer must be
+        announcing: the daemon dials only peers the swarm shows serving it."""
         if addr.startswith("p2p:"):
-            return cls._connect_p2p(addr[4:], timeout=timeout, **kw)
+            if span is None:
+                raise ValueError("dialing a peer needs the span it must serve")
+            return cls._connect_p2p(addr[4:], span, timeout=timeout, **kw)
         fam, a = _family_addr(addr)
         deadline = time.monotonic() + timeout
         while True:
@@ -70,7 +78,7 @@ class FramedLink:
                 time.sleep(0.1)
 
     @classmethod
-    def _connect_p2p(cls, peer_id: str, *, timeout: float, **kw: Any) -> FramedLink:
+    def _connect_p2p(cls, peer_id: str, span: tuple[int, int], *, timeout: float, **kw: Any) -> FramedLink:
         """``p2p:<peer id>``: ask this machine's daemon (its dial socket, ``$MOLINK_P2P_DIAL``) for a
         libp2p stream to that peer's stage protocol; the connection then carries it byte for byte."""
         dial = os.environ.get("MOLINK_P2P_DIAL")
@@ -79,7 +87,8 @@ class FramedLink:
         link = cls.connect(f"unix:{dial}", timeout=timeout, **kw)
         link.peer = f"p2p:{peer_id}"
         try:
-            link.send(P2P_DIAL, {"peer": peer_id, "proto": STAGE_PROTOCOL}, timeout=timeout)
+            link.send(P2P_DIAL, {"peer": peer_id, "proto": STAGE_PROTOCOL, "start": span[0], "end": span[1]},
+                      timeout=timeout)
             reply = link.recv(timeout=timeout + 5)
         except Exception:
             link.close()

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from molinkd.spans import PipelinePlacement, Span, parse_span, pipeline_placement
+from p2p.framing import FrameError
 
 log = logging.getLogger("molinkd.engine.stage")
 
@@ -272,8 +273,9 @@ class StageServer:
         self.peer_id = peer_id
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
-        self._max_blocks: int | None = None
         self.steps = 0
+        self._index = -1  # this stage's position in the current session's route
+        self._session: Any = None  # SessionLimits once the session is open
 
     def serve_forever(self, lsock: socket.socket, *, stop: threading.Event | None = None) -> None:
         from molinkd.engine.link import FramedLink
@@ -295,11 +297,29 @@ class StageServer:
                     self.worker.forget_all_requests()
 
     def serve_session(self, up: Any) -> None:
+        """Serve one upstream connection: one session (hello, open, steps, close).
+
+        Under a daemon (``peer_id`` set) the first frame is ``p2p.from {peer}``, written by the
+        daemon with the authenticated peer that opened the libp2p stream; every hello/open is then
+        admitted against it (:mod:`molinkd.engine.admission`), steps are accepted only once the
+        session is open, and each step is checked against the session's limits before vLLM sees it.
+        """
         from molinkd.engine import wire
-        from molinkd.engine.link import LinkClosed
+        from molinkd.engine.admission import AdmissionError, admit, same_session
+        from molinkd.engine.link import P2P_FROM, LinkClosed
 
         down: Any = None
         relay: threading.Thread | None = None
+        opener: str | None = None
+        admitted: Any = None
+        self._session = None
+        if self.peer_id:
+            f = up.recv(timeout=self.idle_timeout)
+            peer = f.get("peer")
+            if f.type != P2P_FROM or not isinstance(peer, str):
+                log.warning("dropping a connection that did not come through the daemon (%s)", f.type[:40])
+                return
+            opener = peer
         try:
             while True:
                 f = up.recv(timeout=self.idle_timeout)
@@ -309,19 +329,29 @@ class StageServer:
                             down.send(wire.CLOSE, f.body)
                         return
                     if f.type == wire.STEP:
+                        if self._session is None:
+                            raise SessionError("a step arrived before the session was opened")
                         self._step(f.body, up, down)
                     elif f.type == wire.PING:
+                        if admitted is None:
+                            raise SessionError("a ping arrived before a session hello")
                         if down is not None:
                             down.send(wire.PING, f.body)
                         else:
                             up.send(wire.PONG, f.body)
                     elif f.type in (wire.HELLO, wire.OPEN):
-                        body = wire.check_session_body(f.body)
+                        body = f.body
+                        now = admit(body, me=self.peer_id, span=(self.worker.span.start, self.worker.span.end),
+                                    num_layers=self.num_layers, model_hash=self.model_hash, opener=opener)
+                        if admitted is not None:
+                            same_session(admitted, body)
+                        admitted = now
+                        self._index = now.index
                         self._check_session(body)
                         if f.type == wire.HELLO:
                             body["stages"].append(self._describe(body))
                         else:
-                            self._open(body["num_blocks"])
+                            self._open(body)
                         if self.worker.is_last:
                             if f.type == wire.HELLO:
                                 up.send(wire.HELLO_OK, {"session": body["session"], "stages": body["stages"]})
@@ -333,16 +363,21 @@ class StageServer:
                             body["stage"] += 1
                             down.send(f.type, body)
                     else:
-                        raise SessionError(f"unexpected frame {f.type!r} from upstream")
+                        raise SessionError(f"unexpected frame {f.type[:40]!r} from upstream")
                 except LinkClosed:
                     raise
                 except Exception as e:
-                    log.exception("stage failed on %s", f.type)
+                    if isinstance(e, (AdmissionError, SessionError, FrameError)):
+                        log.warning("stage refused %s: %s", f.type[:40], e)
+                    else:
+                        log.exception("stage failed on %s", f.type[:40])
                     step = f.body.get("step") if isinstance(f.body, dict) else None
                     with contextlib.suppress(Exception):
-                        up.send(wire.ERROR, {"step": step, "stage": self.worker.span.start, "message": f"{type(e).__name__}: {e}"})
+                        up.send(wire.ERROR, {"step": step if isinstance(step, int) else None,
+                                             "stage": self._index, "message": f"{type(e).__name__}: {e}"})
                     return
         finally:
+            self._session = None
             if down is not None:
                 down.close()
             if relay is not None:
@@ -351,62 +386,52 @@ class StageServer:
     # --- handlers ---
 
     def _check_session(self, b: dict) -> None:
-        me = b["route"][b["stage"]]
-        if (me["start"], me["end"]) != (self.worker.span.start, self.worker.span.end):
-            raise SessionError(f"route gives this stage {me['start']}:{me['end']}, it serves {self.worker.span}")
-        if b["num_layers"] != self.num_layers:
-            raise SessionError(f"head's model has {b['num_layers']} layers, this stage's {self.num_layers}")
-        if self.model_hash and b["model_hash"] and b["model_hash"] != self.model_hash:
-            raise SessionError(f"model hash mismatch: head {b['model_hash'][:12]}, stage {self.model_hash[:12]}")
+        """The head's engine settings must fit this stage's (admission checked who and what)."""
         if b["dtype"] != self.dtype:
             raise SessionError(f"dtype mismatch: head {b['dtype']}, stage {self.dtype}")
         sc = self.worker.vllm_config.scheduler_config
         mc = self.worker.vllm_config.model_config
-        if b["max_num_seqs"] > sc.max_num_seqs or b["max_num_batched_tokens"] > sc.max_num_batched_tokens:
+        if not 1 <= b["max_num_seqs"] <= sc.max_num_seqs or not 1 <= b["max_num_batched_tokens"] <= sc.max_num_batched_tokens:
             raise SessionError(
                 f"head schedules up to {b['max_num_seqs']} seqs/{b['max_num_batched_tokens']} tokens, "
                 f"stage allows {sc.max_num_seqs}/{sc.max_num_batched_tokens}: start the stage with larger limits"
             )
-        if b["max_model_len"] > mc.max_model_len:
-            raise SessionError(f"head max_model_len {b['max_model_len']} > stage {mc.max_model_len}")
+        if not 1 <= b["max_model_len"] <= mc.max_model_len:
+            raise SessionError(f"head max_model_len {b['max_model_len']} outside 1..{mc.max_model_len} (this stage's)")
         bs = self.worker.vllm_config.cache_config.block_size
-        if b["block_size"] and bs and b["block_size"] != bs:
+        if b["block_size"] != bs:
             raise SessionError(f"block size mismatch: head {b['block_size']}, stage {bs}")
 
     def _describe(self, b: dict) -> dict:
-        if self._max_blocks is None:
-            if getattr(self.worker, "kv_blocks", None):
-                self._max_blocks = self.worker.kv_blocks
-            else:
-                self._max_blocks = self.worker.max_kv_blocks()
         return {
             "index": b["stage"],
             "start": self.worker.span.start,
             "end": self.worker.span.end,
-            "max_blocks": self._max_blocks,
+            "max_blocks": self.worker.kv_blocks,
             "peer": self.peer_id,
         }
 
-    def _open(self, num_blocks: int) -> None:
-        have = getattr(self.worker, "kv_blocks", None)
-        if have is None:
-            if self._max_blocks is None:
-                self._max_blocks = self.worker.max_kv_blocks()
-            if num_blocks > self._max_blocks:
-                raise SessionError(f"{num_blocks} KV blocks asked, this stage holds at most {self._max_blocks}")
-            self.worker.allocate_kv(num_blocks)
-        elif num_blocks > have:
-            raise SessionError(f"{num_blocks} KV blocks asked, this stage allocated {have} in an earlier session")
+    def _open(self, b: dict) -> None:
+        """Start a session on the KV cache allocated at start-up (its full size: a session's block
+        count only bounds the block ids it may use, so no session can shrink the cache for the
+        next one)."""
+        from molinkd.engine.admission import session_limits
+
+        have = self.worker.kv_blocks
+        num_blocks = b["num_blocks"]
+        if not 1 <= num_blocks <= have:
+            raise SessionError(f"{num_blocks} KV blocks asked, this stage holds 1..{have}")
         self.worker.forget_all_requests()
+        mc = self.worker.vllm_config.model_config
+        self._session = session_limits(b, vocab_size=mc.get_vocab_size(), hidden_size=mc.get_hidden_size())
 
     def _dial_next(self, b: dict, up: Any) -> tuple[Any, threading.Thread]:
+        from molinkd.engine.admission import next_hop_addr
         from molinkd.engine.link import FramedLink
 
-        addr = self.next_addr or b["route"][b["stage"] + 1]["addr"]
-        if not addr:
-            raise SessionError("no address for the next stage (give --next or an addr in the route)")
-        down = FramedLink.connect(addr, timeout=self.connect_timeout)
-        t = threading.Thread(target=_relay_replies, args=(down, up), name="stage-relay", daemon=True)
+        addr, span = next_hop_addr(b, self.next_addr)
+        down = FramedLink.connect(addr, timeout=self.connect_timeout, span=span)
+        t = threading.Thread(target=_relay_replies, args=(down, up, b["stage"]), name="stage-relay", daemon=True)
         t.start()
         return down, t
 
@@ -417,9 +442,14 @@ class StageServer:
         wire.check_step_body(b)
         t0 = time.perf_counter()
         so = schedwire.decode_scheduler_output(b["sched"])
+        schedwire.check_scheduler_output(so, self._session)
         w = self.worker
-        if b.get("hidden"):
-            w.mailbox.inbox = {k: from_wire(v) for k, v in b["hidden"].items()}
+        hidden = {k: from_wire(v) for k, v in b["hidden"].items()} if b.get("hidden") else None
+        if so.total_num_scheduled_tokens > 0:
+            schedwire.check_hidden_states(hidden or {}, so, self._session)
+            w.mailbox.inbox = hidden
+        elif hidden:
+            raise SessionError("an empty step carried hidden states")
         out = w.execute_model(so)
         self.steps += 1
         if not w.is_last:
@@ -448,10 +478,16 @@ class StageServer:
         timings.append([self.peer_id, round((time.perf_counter() - t0) * 1000, 3)])
 
 
-def _relay_replies(down: Any, up: Any) -> None:
-    """Copy reply frames from the next hop back to the previous one until the link ends."""
+def _relay_replies(down: Any, up: Any, index: int) -> None:
+    """Copy reply frames from the next hop (route entry ``index + 1``) back to the previous one until
+    the link ends. An error frame that blames a stage at or before this one is the next stage's
+    lie (it only sees its own side): the blame is put back on the next stage."""
     from molinkd.engine import wire
     from molinkd.engine.link import LinkClosed, LinkTimeout
+
+    def report(message: str) -> None:
+        with contextlib.suppress(Exception):
+            up.send(wire.ERROR, {"step": None, "stage": index + 1, "message": message})
 
     while True:
         try:
@@ -461,15 +497,19 @@ def _relay_replies(down: Any, up: Any) -> None:
         except (LinkClosed, OSError):
             return
         except Exception as e:  # malformed frame from downstream: report it upstream
-            with contextlib.suppress(Exception):
-                up.send(wire.ERROR, {"step": None, "stage": -1, "message": f"bad frame from next stage: {e}"})
+            report(f"bad frame from the next stage: {e}")
             return
         if f.type not in wire.REPLY_TYPES:
-            with contextlib.suppress(Exception):
-                up.send(wire.ERROR, {"step": None, "stage": -1, "message": f"next stage sent {f.type!r}"})
+            report(f"the next stage sent {f.type[:40]!r}")
             return
+        body = f.body
+        if f.type == wire.ERROR:
+            blamed = body.get("stage") if isinstance(body, dict) else None
+            if not isinstance(blamed, int) or isinstance(blamed, bool) or blamed <= index:
+                report(f"the next stage failed: {str(body.get('message') if isinstance(body, dict) else body)[:500]}")
+                return
         try:
-            up.send(f.type, f.body)
+            up.send(f.type, body)
         except Exception:
             return
 
@@ -548,11 +588,11 @@ def main(argv: list[str] | None = None) -> int:
         peer_id=a.peer_id,
         idle_timeout=a.idle_timeout,
     )
-    # size the KV cache now so the handshake answers fast
-    server._max_blocks = worker.max_kv_blocks()
+    # the whole KV cache now: the handshake answers fast and no session decides its size
+    worker.allocate_kv(worker.max_kv_blocks())
     lsock = listen(a.listen)
     addr = bound_addr(lsock)
-    log.info("stage %s ready on %s in %.1fs (max %d KV blocks)", span, addr, time.monotonic() - t0, server._max_blocks)
+    log.info("stage %s ready on %s in %.1fs (max %d KV blocks)", span, addr, time.monotonic() - t0, worker.kv_blocks)
     if a.ready_file:
         tmp = a.ready_file + ".tmp"
         with open(tmp, "w") as fh:

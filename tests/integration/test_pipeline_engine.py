@@ -69,7 +69,9 @@ def test_two_stages_match_single_node_bf16_one_at_a_time(model_dir, tmp_path):
 
 
 def test_three_stages_match_single_node(model_dir, tmp_path, single_f32):
-    stages = [Stage(model_dir, "10:20", tmp_path, dtype="float32"), Stage(model_dir, "20:30", tmp_path, dtype="float32")]
+    last = Stage(model_dir, "20:30", tmp_path, dtype="float32")
+    # a stage takes no address from the network: the middle one is told where the next one listens
+    stages = [Stage(model_dir, "10:20", tmp_path, dtype="float32", extra=["--next", last.addr]), last]
     try:
         for s in stages:
             s.wait_ready()

@@ -1,0 +1,300 @@
+"""A hostile peer against a real stage, while an honest head keeps serving through another stage.
+
+The swarm: an honest head (0:15) routing through stage A (15:30), and a victim stage V (10:20) that
+no honest route uses. The attacker is two libp2p identities in this test process (they cost nothing
+to make): ``evil`` opens sessions on V, ``accomplice`` announces layers 20:30 and plays V's next hop,
+so V can be driven through whole sessions and we can see what it forwards. Every attack must be
+refused or contained; V must stay healthy; the head's requests must all succeed meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+
+import httpx
+import msgpack
+import pytest
+import torch
+import trio
+
+from molinkd.engine import schedwire, wire
+from molinkd.engine.link import STAGE_PROTOCOL
+from p2p.discovery import Discovery
+from p2p.framing import HEADER
+from p2p.host import NodeConfig, open_node
+from p2p.tensors import to_wire
+from tests.helpers import Daemon, boot_addr, wait_for
+
+pytestmark = pytest.mark.slow
+
+BLOCK_SIZE = 128  # vLLM CPU default
+HIDDEN = 576
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("attacks")
+    a = Daemon(["--layers", "15:30"], tmp, name="stageA")
+    daemons = [a]
+    try:
+        boot = boot_addr(a)
+        v = Daemon(["--layers", "10:20", "--bootstrap", boot, "--max-num-seqs", "8"], tmp, name="victim")
+        h = Daemon(["--layers", "0:15", "--bootstrap", boot], tmp, name="head")
+        daemons += [v, h]
+        for d in daemons:
+            d.wait_ready(timeout=400)
+        wait_for(lambda: h.status()["route"], 120, "the head's route")
+        yield {"head": h, "stage": a, "victim": v, "boot": boot, "hash": h.status()["model"]["hash"],
+               "vid": v.status()["peer_id"], "hid": h.status()["peer_id"], "aid": a.status()["peer_id"]}
+    finally:
+        for d in reversed(daemons):
+            d.stop()
+
+
+@pytest.fixture(scope="module")
+def honest_load(swarm):
+    """Greedy requests to the honest head for as long as the module's attacks run."""
+    stop = threading.Event()
+    results: list = []
+
+    def run() -> None:
+        i = 0
+        while not stop.is_set() and i < 500:
+            i += 1
+            try:
+                r = httpx.post(swarm["head"].url + "/v1/completions", timeout=120,
+                               json={"prompt": f"Count to {i}:", "max_tokens": 8, "ignore_eos": True})
+                results.append(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8)
+            except Exception as e:  # noqa: BLE001
+                results.append(f"{type(e).__name__}: {e}")
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    yield results
+    stop.set()
+    t.join(timeout=130)
+
+
+# ------------------------------------------------------------------------------ the attacker
+
+
+class Accomplice:
+    """Announces 20:30 and plays the victim's next hop: answers the handshake, records steps."""
+
+    def __init__(self) -> None:
+        self.steps_send, self.steps = trio.open_memory_channel(64)
+        self.sessions = 0
+
+    async def handler(self, stream, remote) -> None:
+        self.sessions += 1
+        with contextlib.suppress(Exception):
+            while True:
+                f = await stream.recv(timeout=60)
+                if f.type == "p2p.from" or f.type == wire.CLOSE:
+                    return
+                if f.type == wire.HELLO:
+                    stages = f.body["stages"] + [{"index": 2, "start": 20, "end": 30, "max_blocks": 10_000,
+                                                   "peer": "accomplice"}]
+                    await stream.send(wire.HELLO_OK, {"session": f.body["session"], "stages": stages})
+                elif f.type == wire.OPEN:
+                    await stream.send(wire.OPEN_OK, {"session": f.body["session"], "num_blocks": f.body["num_blocks"]})
+                elif f.type == wire.STEP:
+                    await self.steps_send.send(f.body)
+                elif f.type == wire.PING:
+                    await stream.send(wire.PONG, f.body)
+
+
+@contextlib.asynccontextmanager
+async def attackers(swarm):
+    cfg = NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",), bootstrap=(swarm["boot"],))
+    acc = Accomplice()
+    async with open_node(cfg) as evil, open_node(cfg) as helper, trio.open_nursery() as nursery:
+        helper.set_stream_handler(STAGE_PROTOCOL, acc.handler)
+
+        def record() -> dict:
+            return {"model_name": "x", "span_start": 20, "span_end": 30, "total_layers": 30, "throughput": 1.0,
+                    "extras": {"role": "stage", "engine": "ready"}}
+
+        disc = Discovery(helper, swarm["hash"], record, period=0.5)
+        await nursery.start(disc.run)
+        yield evil, helper, acc
+        nursery.cancel_scope.cancel()
+
+
+def route(evil: str, victim: str, nxt: str, nxt_addr: str | None = None) -> list[dict]:
+    return [{"peer": evil, "addr": "", "start": 0, "end": 10},
+            {"peer": victim, "addr": f"p2p:{victim}", "start": 10, "end": 20},
+            {"peer": nxt, "addr": f"p2p:{nxt}" if nxt_addr is None else nxt_addr, "start": 20, "end": 30}]
+
+
+def session(swarm, r: list[dict], *, num_blocks: int = 0) -> dict:
+    return wire.session_body(session=uuid.uuid4().hex, model_hash=swarm["hash"], route=r, num_layers=30,
+                             dtype="bfloat16", max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=2048,
+                             block_size=BLOCK_SIZE, num_blocks=num_blocks)
+
+
+async def victim_stream(evil, swarm):
+    return await evil.open_stream(swarm["vid"], STAGE_PROTOCOL, timeout=20)
+
+
+async def expect_error(stream, match: str, timeout: float = 60) -> str:
+    f = await stream.recv(timeout=timeout)
+    assert f.type == wire.ERROR, (f.type, f.body)
+    assert match in f.body["message"], f.body["message"]
+    return f.body["message"]
+
+
+async def open_session(stream, swarm, r, num_blocks: int | None = None) -> int:
+    """hello + open through the victim; returns the block count agreed."""
+    await stream.send(wire.HELLO, session(swarm, r))
+    ok = await stream.recv(timeout=60)
+    assert ok.type == wire.HELLO_OK, ok.body
+    mine = ok.body["stages"][0]
+    assert mine["peer"] == swarm["vid"] and mine["max_blocks"] > 100
+    n = mine["max_blocks"] if num_blocks is None else num_blocks
+    body = session(swarm, r, num_blocks=n)
+    body["session"] = ok.body["session"]
+    await stream.send(wire.OPEN, body)
+    ok = await stream.recv(timeout=60)
+    assert ok.type == wire.OPEN_OK, ok.body
+    return mine["max_blocks"]
+
+
+def prefill(req: str = "r1", tokens: list[int] | None = None, blocks: list[int] | None = None,
+            computed: int = 0, n_sched: int | None = None, rows: int | None = None, width: int = HIDDEN,
+            dtype=torch.bfloat16) -> dict:
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+    tokens = tokens if tokens is not None else [1, 2, 3, 4, 5]
+    n = len(tokens) - computed if n_sched is None else n_sched
+    sp = SamplingParams(max_tokens=4, temperature=0.0)
+    sp.update_from_generation_config({}, eos_token_id=2)
+    so = SchedulerOutput(
+        scheduled_new_reqs=[NewRequestData(req_id=req, prompt_token_ids=tokens, mm_features=[], sampling_params=sp,
+                                           pooling_params=None, block_ids=(blocks if blocks is not None else [0],),
+                                           num_computed_tokens=computed, lora_request=None)],
+        scheduled_cached_reqs=CachedRequestData.make_empty(), num_scheduled_tokens={req: n},
+        total_num_scheduled_tokens=n, scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={},
+        finished_req_ids=set(), free_encoder_mm_hashes=[])
+    r = n if rows is None else rows
+    hidden = {k: to_wire(torch.randn(r, width).to(dtype)) for k in ("hidden_states", "residual")}
+    return {"step": 1, "sched": schedwire.encode_scheduler_output(so), "grammar": None, "hidden": hidden,
+            "sample": True}
+
+
+# ------------------------------------------------------------------------------------ attacks
+
+
+async def test_a_peer_that_is_not_the_previous_hop_cannot_open_a_session(swarm, honest_load):
+    async with attackers(swarm) as (evil, helper, acc):
+        s = await victim_stream(evil, swarm)
+        # a session in the honest head's name: the route says the head feeds the victim
+        await s.send(wire.HELLO, session(swarm, route(swarm["hid"], swarm["vid"], helper.peer_id)))
+        await expect_error(s, "previous hop")
+        await s.close()
+        # a first frame that is no session at all
+        s = await victim_stream(evil, swarm)
+        await s.send(wire.STEP, prefill())
+        await expect_error(s, "starts with")
+    st = swarm["victim"].status()
+    assert st["serving_head"] is None and acc.sessions == 0
+
+
+async def test_a_stage_never_dials_an_address_the_network_chose(swarm, honest_load):
+    hits = []
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    async def count_connections() -> None:
+        while True:
+            conn, _ = await listener.accept()
+            hits.append(conn)
+
+    async with attackers(swarm) as (evil, helper, acc), trio.open_nursery() as nursery:
+        nursery.start_soon(count_connections)
+        for addr in (f"tcp:127.0.0.1:{port}", f"unix:/tmp/x.sock"):
+            s = await victim_stream(evil, swarm)
+            await s.send(wire.HELLO, session(swarm, route(evil.peer_id, swarm["vid"], helper.peer_id, addr)))
+            await expect_error(s, "p2p:<peer id>")
+            await s.close()
+        # a peer id that is not announcing 20:30 (stage A serves 15:30): the victim's daemon will not dial it
+        s = await victim_stream(evil, swarm)
+        await s.send(wire.HELLO, session(swarm, route(evil.peer_id, swarm["vid"], swarm["aid"])))
+        await expect_error(s, "will not dial")
+        await s.close()
+        await trio.sleep(2)  # bounded: any dial the victim made would have landed by now
+        nursery.cancel_scope.cancel()
+    listener.close()
+    assert hits == [] and acc.sessions == 0
+    assert swarm["victim"].status()["serving_head"] is None
+
+
+@pytest.mark.parametrize("attack,match", [
+    (dict(blocks=[10 ** 6]), "block"),
+    (dict(blocks=[-1]), "block"),
+    (dict(tokens=[1, 2, VOCAB + 5]), "token"),
+    (dict(tokens=list(range(1, 3000))), "token"),
+    (dict(computed=2040, tokens=[1] * 2050, n_sched=10), "max_model_len"),
+    (dict(rows=4), "shape"),
+    (dict(width=HIDDEN * 2), "shape"),
+    (dict(dtype=torch.float32), "dtype"),
+])
+async def test_out_of_range_steps_are_refused_before_vllm(swarm, honest_load, attack, match):
+    async with attackers(swarm) as (evil, helper, acc):
+        s = await victim_stream(evil, swarm)
+        await open_session(s, swarm, route(evil.peer_id, swarm["vid"], helper.peer_id), num_blocks=64)
+        await s.send(wire.STEP, prefill(**attack))
+        msg = await expect_error(s, "")
+        assert match in msg.lower() or match in msg, msg
+        with trio.move_on_after(1):
+            got = await acc.steps.receive()
+            pytest.fail(f"the victim forwarded a step it should have refused: {list(got)}")
+
+
+async def test_a_one_block_session_does_not_shrink_the_cache_and_the_stage_still_computes(swarm, honest_load):
+    async with attackers(swarm) as (evil, helper, acc):
+        s = await victim_stream(evil, swarm)
+        full = await open_session(s, swarm, route(evil.peer_id, swarm["vid"], helper.peer_id), num_blocks=1)
+        await s.send(wire.STEP, prefill(blocks=[1]))  # block 1 is outside a 1-block session
+        await expect_error(s, "block")
+        s = await victim_stream(evil, swarm)
+        again = await open_session(s, swarm, route(evil.peer_id, swarm["vid"], helper.peer_id))
+        assert again == full
+        # an honest step: the victim computes layers 10:20 and forwards (5 tokens x 576) hidden states
+        await s.send(wire.STEP, prefill(blocks=[full - 1]))
+        with trio.fail_after(60):
+            step = await acc.steps.receive()
+        assert step["hidden"]["hidden_states"]["shape"] == [5, HIDDEN]
+        await s.send(wire.CLOSE, {"session": "x"})
+
+
+async def test_malformed_frames_are_dropped(swarm, honest_load):
+    async with attackers(swarm) as (evil, helper, acc):
+        # a msgpack timestamp (ext -1), which msgpack decodes without asking the ext hook
+        payload = msgpack.packb({"v": 1, "t": wire.HELLO, "b": {"when": msgpack.Timestamp(1, 0)}})
+        s = await victim_stream(evil, swarm)
+        await s.send_raw(HEADER.pack(len(payload)) + payload)
+        with pytest.raises(Exception):
+            f = await s.recv(timeout=10)
+            assert f.type != wire.HELLO_OK
+            raise RuntimeError(f.type)
+        # deep nesting: 100k nested one-element arrays in ~100 KB
+        payload = msgpack.packb({"v": 1, "t": wire.HELLO, "b": None})[:-1] + b"\x91" * 100_000 + b"\xc0"
+        s = await victim_stream(evil, swarm)
+        await s.send_raw(HEADER.pack(len(payload)) + payload)
+        with pytest.raises(Exception):
+            f = await s.recv(timeout=10)
+            raise RuntimeError(f.type)
+    assert swarm["victim"].status()["engine"]["state"] == "ready"
+
+
+def test_honest_requests_were_served_throughout(swarm, honest_load):
+    wait_for(lambda: len(honest_load) >= 3, 120, "a few honest requests")
+    assert honest_load and all(r is True for r in honest_load), honest_load
+    assert swarm["victim"].status()["engine"]["state"] == "ready"
