@@ -132,6 +132,8 @@ class Daemon:
         self.stage_sessions: collections.Counter[str] = collections.Counter()  # upstream -> open streams
         self.rtts: dict[str, float] = {}
         self.banned: dict[str, tuple[float, str, float]] = {}  # peer -> (until, reason, ban length)
+        self._measured: dict[str, Any] = {}  # peer -> trust.Measured, kept across routes
+        self._stats_read = 0.0
         self.started = time.time()
         self.http_url = ""
         self.dial_path = str(runtime_dir / "dial.sock")
@@ -145,6 +147,23 @@ class Daemon:
             return round(json.loads(Path(self.info_path).read_text())["loaded_rss_bytes"] / 2**20, 1)
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def measured(self, peer: str) -> Any:
+        """This head's measurement of ``peer``'s step time (:class:`molinkd.trust.Measured`), from the
+        pipeline stats of the current route or the last one it was measured on."""
+        from molinkd.trust import measured_from_stats
+
+        now = time.monotonic()
+        if now - self._stats_read > 1.0:
+            self._stats_read = now
+            try:
+                stats = json.loads(Path(self.stats_path).read_text())
+            except (OSError, ValueError):
+                stats = {}
+            for p in (stats.get("stage_ms") or {}) if isinstance(stats, dict) else ():
+                if (m := measured_from_stats(stats, p)) is not None:
+                    self._measured[p] = m
+        return self._measured.get(peer)
 
     def route_stats(self) -> tuple[list[dict], dict]:
         """The route's stages with their measured step times (from the head executor's stats)."""
@@ -327,17 +346,25 @@ class RouteLost(RuntimeError):
 
 def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) -> Callable[[], None]:
     """A check to call every second while a pipeline runs: raises :class:`RouteLost` once a remote
-    stage of ``hops`` has been missing from the peer table for ``grace`` seconds. A hung stage
+    stage of ``hops`` has been missing from the peer table for ``grace`` seconds; bans (without
+    stopping the pipeline) a stage whose announced speed its measured one belies. A hung stage
     never closes its stream, and its step may take a while; its silence on the swarm is quicker
     to see than any step deadline that must allow for big prefills on slow machines."""
     missing_since: dict[str, float] = {}
 
     def check() -> None:
-        present = {r.peer_id for r in d.disc.snapshot() if r.online} if d.disc else set()
+        from molinkd.trust import lie
+
+        records = {r.peer_id: r for r in d.disc.snapshot() if r.online} if d.disc else {}
         now = time.monotonic()
         for h in hops[1:]:
             peer = h["peer"]
-            if peer in present:
+            ban = d.banned.get(peer)
+            if (peer in records and (ban is None or ban[0] <= now)
+                    and (why := lie(records[peer].throughput, d.measured(peer)))):
+                # it computes, so the running pipeline may keep it; no route will choose it again
+                _ban(d, peer, f"lied about its speed: {why}")
+            if peer in records:
                 missing_since.pop(peer, None)
                 continue
             since = missing_since.setdefault(peer, now)
@@ -385,7 +412,9 @@ async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED, extra:
 
 
 def _stage_records(d: Daemon) -> list:
+    """Route candidates, planned with the speed this head measured (announcements are capped)."""
     from molinkd.routing import PeerRecord as RoutePeer
+    from molinkd.trust import planning_throughput
 
     out = []
     for r in d.disc.snapshot():
@@ -397,7 +426,7 @@ def _stage_records(d: Daemon) -> list:
             continue  # serves another head: one head per stage at a time
         load = min(1.0, r.active_requests / max(1, d.cfg.max_num_seqs))
         out.append(RoutePeer(peer_id=r.peer_id, span_start=r.span_start, span_end=r.span_end,
-                             throughput=max(r.throughput, 1e-3), load=load,
+                             throughput=planning_throughput(r.throughput, d.measured(r.peer_id)), load=load,
                              rtt=d.rtts.get(r.peer_id), model_hash=r.model_hash))
     return out
 

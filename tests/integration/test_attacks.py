@@ -1,6 +1,6 @@
 """A hostile peer against a real stage, while an honest head keeps serving through another stage.
 
-The swarm: an honest head (0:15) routing through stage A (15:30), and a victim stage V (10:20) that
+The swarm: an honest head (0:15) routing through stage A (15:30, which lies about its speed), and a victim stage V (10:20) that
 no honest route uses. The attacker is two libp2p identities in this test process (they cost nothing
 to make): ``evil`` opens sessions on V, ``accomplice`` announces layers 20:30 and plays V's next hop,
 so V can be driven through whole sessions and we can see what it forwards. Every attack must be
@@ -37,7 +37,8 @@ VOCAB = 49152
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attacks")
-    a = Daemon(["--layers", "15:30"], tmp, name="stageA")
+    # stage A computes honestly but announces 1e6 tokens/s: the head must measure it and ban it
+    a = Daemon(["--layers", "15:30"], tmp, name="stageA", module="tests.integration.lying_daemon")
     daemons = [a]
     try:
         boot = boot_addr(a)
@@ -298,3 +299,13 @@ def test_honest_requests_were_served_throughout(swarm, honest_load):
     wait_for(lambda: len(honest_load) >= 3, 120, "a few honest requests")
     assert honest_load and all(r is True for r in honest_load), honest_load
     assert swarm["victim"].status()["engine"]["state"] == "ready"
+
+
+def test_a_stage_that_lies_about_its_speed_is_banned(swarm, honest_load):
+    """A computes correctly but announces 1e6 tokens/s; after enough measured steps the head bans it
+    from future routes (the running pipeline keeps it: its answers are right)."""
+    def banned():
+        return swarm["head"].status()["banned"].get(swarm["aid"])
+    wait_for(lambda: len(honest_load) >= 4, 180, "steps through the lying stage")
+    ban = wait_for(banned, 60, "the head to ban the lying stage")
+    assert "lied about its speed" in ban["reason"] and "measured" in ban["reason"], ban
