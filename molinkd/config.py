@@ -40,6 +40,7 @@ class DaemonConfig:
     seed: int = 0
     # behaviour
     announce_period: float = 2.0
+    drain_timeout: float = 30.0  # SIGTERM: seconds to finish in-flight work after saying goodbye
     log_level: str = "warning"
     log_json: bool = False
 

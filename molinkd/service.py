@@ -135,6 +135,7 @@ class Daemon:
         self._measured: dict[str, Any] = {}  # peer -> trust.Measured, kept across routes
         self._stats_read = 0.0
         self.started = time.time()
+        self.draining = False
         self.http_url = ""
         self.dial_path = str(runtime_dir / "dial.sock")
         self.stats_path = str(runtime_dir / "pipeline-stats.json")
@@ -193,6 +194,8 @@ class Daemon:
     # -- backends -----------------------------------------------------------------------------
 
     def current_backend(self) -> Any:
+        if self.draining:
+            return None  # new requests go elsewhere (503 here; a gateway resumes them on another head)
         if self.backend is not None:
             return self.backend
         if self.remote is not None and self.head_candidates():
@@ -207,6 +210,14 @@ class Daemon:
                  and (r.extras or {}).get("engine") == "ready" and r.peer_id != self.node.peer_id]
         heads.sort(key=lambda r: (r.active_requests, self.rtts.get(r.peer_id, 1.0), r.peer_id))
         return [r.peer_id for r in heads]
+
+    def busy(self) -> str:
+        """What a graceful stop still waits for ("" when nothing)."""
+        active = (self.backend.active if self.backend else 0) + (self.remote.active if self.remote else 0)
+        parts = [f"{active} in-flight request(s)"] if active else []
+        if self.stage_sessions:
+            parts.append(f"the session of head {str(self.serving_head)[:16]}")
+        return " and ".join(parts)
 
     def may_dial(self, peer: str, start: int, end: int) -> str | None:
         """Whether an engine process of ours may reach ``peer`` as the stage for ``start:end``:
@@ -719,7 +730,7 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
         d.remote = RemoteBackend(node, model.name, model.model_hash, d.head_candidates)
         node.set_stream_handler(
             GENERATE_PROTOCOL,
-            lambda s, remote: serve_generate(s, remote, backend_fn=lambda: d.backend,
+            lambda s, remote: serve_generate(s, remote, backend_fn=lambda: None if d.draining else d.backend,
                                              model_hash=model.model_hash))
         await nursery.start(lambda task_status: serve_dial_socket(
             node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial, task_status=task_status))
@@ -738,11 +749,31 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
             _say("gateway: serving HTTP only, forwarding requests to heads")
         task_status.started(d)
         await (stop if stop is not None else trio.Event()).wait()
-        # graceful stop: the goodbye goes out while the host's own tasks still run
-        with trio.move_on_after(3):
-            await d.disc.leave()
-            await trio.sleep(0.3)
+        await _drain(d)
         nursery.cancel_scope.cancel()
+
+
+async def _drain(d: Daemon) -> None:
+    """Graceful stop: say goodbye (heads route around us, gateways pick other heads, new requests
+    here get a 503), then give in-flight requests, and the head a stage serves, up to
+    ``drain_timeout`` seconds to finish. The goodbye goes out while the host's tasks still run."""
+    d.draining = True
+    with trio.move_on_after(3):
+        await d.disc.leave()
+        await trio.sleep(0.3)
+    busy = d.busy()
+    if not busy:
+        return
+    _say(f"draining: waiting up to {d.cfg.drain_timeout:.0f}s for {busy}")
+    t0 = time.monotonic()
+    with trio.move_on_after(d.cfg.drain_timeout):
+        while d.busy():
+            await trio.sleep(0.2)
+    left = d.busy()
+    if left:
+        _say(f"drain timeout: stopping with {left} unfinished")
+    else:
+        _say(f"drained in {time.monotonic() - t0:.1f}s")
 
 
 async def _run_full(d: Daemon) -> None:
@@ -774,7 +805,7 @@ async def _main(cfg: DaemonConfig) -> None:
                     if not stop.is_set():
                         _say(f"received {signal.Signals(s).name}; leaving the swarm and shutting down")
                         stop.set()
-                        nursery.start_soon(_hard_stop_after, 15.0, nursery.cancel_scope)
+                        nursery.start_soon(_hard_stop_after, cfg.drain_timeout + 15.0, nursery.cancel_scope)
                     else:
                         nursery.cancel_scope.cancel()
                         return

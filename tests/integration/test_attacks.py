@@ -309,3 +309,32 @@ def test_a_stage_that_lies_about_its_speed_is_banned(swarm, honest_load):
     wait_for(lambda: len(honest_load) >= 4, 180, "steps through the lying stage")
     ban = wait_for(banned, 60, "the head to ban the lying stage")
     assert "lied about its speed" in ban["reason"] and "measured" in ban["reason"], ban
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(swarm, honest_load):
+    """Last in this module (it stops the head): a SIGTERMed head says goodbye, answers new requests
+    with 503, finishes the request it was streaming with every token, and exits 0."""
+    import json
+    import signal
+
+    head = swarm["head"]
+    got: dict = {}
+
+    def stream() -> None:
+        body = {"prompt": "Tell a long story.", "max_tokens": 96, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", head.url + "/v1/completions", json=body, timeout=300) as r:
+            lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+        got["done"] = lines[-1] == "data: [DONE]"
+        got["text"] = "".join(json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1])
+
+    t = threading.Thread(target=stream)
+    t.start()
+    wait_for(lambda: head.status()["active_requests"] >= 1, 60, "the streamed request to start")
+    head.proc.send_signal(signal.SIGTERM)
+    r = wait_for(lambda: httpx.post(head.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                    timeout=10), 20, "an answer while draining")
+    assert r.status_code == 503, r.text
+    t.join(timeout=300)
+    assert head.proc.wait(timeout=60) == 0, head.log_tail()
+    assert got["done"] and got["text"], got
+    assert "drained" in head.log_tail(200), head.log_tail()
