@@ -30,6 +30,7 @@ from molinkd.engine.link import P2P_DIAL_OK as DIAL_OK
 from molinkd.engine.link import P2P_FROM as FROM
 from molinkd.engine.link import STAGE_PROTOCOL
 from molinkd.engine.wire import HELLO, OPEN
+from molinkd.limits import CONTROL_MSG
 from p2p.framing import FrameError, encode_frame
 from p2p.streams import FramedStream, StreamClosed
 
@@ -111,7 +112,7 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
 
     async def _dial_for(conn: trio.SocketStream) -> None:
         raw = _TrioRaw(conn)
-        local = FramedStream(raw, peer="engine")
+        local = FramedStream(raw, peer="engine", limits=CONTROL_MSG)
         try:
             frame = await local.recv(timeout=10)
             if frame.type != DIAL:
@@ -219,6 +220,7 @@ def stage_stream_handler(local_addr_fn: Callable[[], str | None], admit_fn: Call
 async def probe_stage(node: Any, peer: str, timeout: float = 5.0) -> dict:
     """Ask a stage's daemon what it serves. Raises ValueError/ConnectionError with the reason."""
     stream = await node.open_stream(peer, STAGE_PROTOCOL, timeout=timeout)
+    stream.limits = CONTROL_MSG  # a probe's answer is small: refuse anything bigger
     try:
         await stream.send(PROBE, {})
         frame = await stream.recv(timeout=timeout)

@@ -430,7 +430,10 @@ class StageServer:
         from molinkd.engine.link import FramedLink
 
         addr, span = next_hop_addr(b, self.next_addr)
-        down = FramedLink.connect(addr, timeout=self.connect_timeout, span=span)
+        try:
+            down = FramedLink.connect(addr, timeout=self.connect_timeout, span=span)
+        except (OSError, ValueError) as e:  # LinkClosed included: it is the next hop's, not upstream's
+            raise SessionError(f"cannot reach the next stage {addr[:60]}: {e}") from None
         t = threading.Thread(target=_relay_replies, args=(down, up, b["stage"]), name="stage-relay", daemon=True)
         t.start()
         return down, t

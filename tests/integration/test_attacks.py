@@ -49,7 +49,7 @@ def swarm(tmp_path_factory):
             d.wait_ready(timeout=400)
         wait_for(lambda: h.status()["route"], 120, "the head's route")
         yield {"head": h, "stage": a, "victim": v, "boot": boot, "hash": h.status()["model"]["hash"],
-               "vid": v.status()["peer_id"], "hid": h.status()["peer_id"], "aid": a.status()["peer_id"]}
+               "vid": v.status()["peer_id"], "vaddr": boot_addr(v), "hid": h.status()["peer_id"], "aid": a.status()["peer_id"]}
     finally:
         for d in reversed(daemons):
             d.stop()
@@ -108,8 +108,24 @@ class Accomplice:
                     await stream.send(wire.PONG, f.body)
 
 
+def _leaf(e: BaseException) -> BaseException:
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
 @contextlib.asynccontextmanager
 async def attackers(swarm):
+    """The attacker's two nodes; failures inside surface as themselves, not as nested groups."""
+    try:
+        async with _attackers(swarm) as nodes:
+            yield nodes
+    except BaseExceptionGroup as g:
+        raise _leaf(g) from None
+
+
+@contextlib.asynccontextmanager
+async def _attackers(swarm):
     cfg = NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",), bootstrap=(swarm["boot"],))
     acc = Accomplice()
     async with open_node(cfg) as evil, open_node(cfg) as helper, trio.open_nursery() as nursery:
@@ -121,6 +137,13 @@ async def attackers(swarm):
 
         disc = Discovery(helper, swarm["hash"], record, period=0.5)
         await nursery.start(disc.run)
+        await helper.connect(swarm["vid"], [swarm["vaddr"]], timeout=20)
+
+        def victim_sees_accomplice() -> bool:
+            peers = swarm["victim"].status()["peers"]
+            return any(p.get("peer_id") == helper.peer_id for p in peers)
+
+        await trio.to_thread.run_sync(lambda: wait_for(victim_sees_accomplice, 60, "the accomplice's record"))
         yield evil, helper, acc
         nursery.cancel_scope.cancel()
 
@@ -138,7 +161,7 @@ def session(swarm, r: list[dict], *, num_blocks: int = 0) -> dict:
 
 
 async def victim_stream(evil, swarm):
-    return await evil.open_stream(swarm["vid"], STAGE_PROTOCOL, timeout=20)
+    return await evil.open_stream(swarm["vid"], STAGE_PROTOCOL, [swarm["vaddr"]], timeout=20)
 
 
 async def expect_error(stream, match: str, timeout: float = 60) -> str:
@@ -320,16 +343,22 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(swarm, honest_load):
     head = swarm["head"]
     got: dict = {}
 
+    streaming = threading.Event()
+
     def stream() -> None:
         body = {"prompt": "Tell a long story.", "max_tokens": 96, "ignore_eos": True, "stream": True}
+        lines = []
         with httpx.stream("POST", head.url + "/v1/completions", json=body, timeout=300) as r:
-            lines = [x for x in r.iter_lines() if x.startswith("data: ")]
-        got["done"] = lines[-1] == "data: [DONE]"
+            for x in r.iter_lines():
+                if x.startswith("data: "):
+                    lines.append(x)
+                    streaming.set()
+        got["done"] = bool(lines) and lines[-1] == "data: [DONE]"
         got["text"] = "".join(json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1])
 
     t = threading.Thread(target=stream)
     t.start()
-    wait_for(lambda: head.status()["active_requests"] >= 1, 60, "the streamed request to start")
+    assert streaming.wait(timeout=120), "the streamed request never started"
     head.proc.send_signal(signal.SIGTERM)
     r = wait_for(lambda: httpx.post(head.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
                                     timeout=10), 20, "an answer while draining")
