@@ -6,6 +6,7 @@ import types
 
 import pytest
 
+from molinkd import service
 from molinkd.service import RouteLost, route_watch
 
 HOPS = [{"peer": "head"}, {"peer": "s1"}, {"peer": "s2"}]
@@ -27,9 +28,54 @@ def test_a_missing_stage_is_reported_after_the_grace_period() -> None:
     assert ei.value.peer == "s2" and "stopped announcing" in str(ei.value)
 
 
-def test_a_stage_that_comes_back_within_the_grace_period_is_forgiven() -> None:
-    d = _daemon("s1")
-    check = route_watch(d, HOPS, grace=3600)
-    check()  # missing, but not for long
-    d.disc.snapshot = lambda: [types.SimpleNamespace(peer_id=p, online=True) for p in ("s1", "s2")]
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr(service, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    return clock
+
+
+def test_a_stage_missing_for_less_than_the_grace_period_passes_then_is_reported(clock) -> None:
+    check = route_watch(_daemon("s1"), HOPS, grace=4.0)
     check()
+    clock.now += 3.9
+    check()  # missing, but not for long
+    clock.now += 0.2
+    with pytest.raises(RouteLost):
+        check()
+
+
+def test_a_stage_that_comes_back_within_the_grace_period_is_forgiven(clock) -> None:
+    d = _daemon("s1")
+    check = route_watch(d, HOPS, grace=4.0)
+    check()  # s2 missing since now
+    clock.now += 3.0
+    d.disc.snapshot = lambda: [types.SimpleNamespace(peer_id=p, online=True) for p in ("s1", "s2")]
+    check()  # back: its missing time is forgotten
+    d.disc.snapshot = lambda: [types.SimpleNamespace(peer_id="s1", online=True)]
+    clock.now += 3.0
+    check()  # missing again for 0 s, not 6 s: no error
+    clock.now += 3.0
+    check()  # 3 s this time
+    clock.now += 1.0
+    with pytest.raises(RouteLost):
+        check()  # 4 s: reported
+
+
+def test_an_offline_record_counts_as_missing(clock) -> None:
+    d = _daemon("s1", "s2")
+    d.disc.snapshot = lambda: [types.SimpleNamespace(peer_id="s1", online=True),
+                               types.SimpleNamespace(peer_id="s2", online=False)]
+    check = route_watch(d, HOPS, grace=1.0)
+    check()
+    clock.now += 1.0
+    with pytest.raises(RouteLost):
+        check()
