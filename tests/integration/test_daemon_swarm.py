@@ -81,10 +81,19 @@ def test_unreachable_bootstrap_keeps_running_and_says_so(tmp_path):
 @pytest.mark.slow
 def test_gateway_forwards_to_head(single_node, tmp_path):
     boot = boot_addr(single_node)
-    g = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="gw", api_key=single_node.api_key)
+    g = Daemon(["--layers", "none", "--bootstrap", boot, "--served-model-name", "my-smol"], tmp_path, name="gw",
+               api_key=single_node.api_key)
     try:
         wait_for(lambda: g.status()["ready"], 30, "gateway to find the head")
         h = {"Authorization": f"Bearer {single_node.api_key}"}
+        # --served-model-name: the name this peer's API serves under
+        assert [m["id"] for m in httpx.get(g.url + "/v1/models", headers=h).json()["data"]] == ["my-smol"]
+        r = httpx.post(g.url + "/v1/completions", json={"model": "my-smol", "prompt": "Hi", "max_tokens": 2},
+                       headers=h, timeout=120)
+        assert r.status_code == 200 and r.json()["model"] == "my-smol", r.text
+        r = httpx.post(g.url + "/v1/completions", json={"model": "gpt-4", "prompt": "Hi", "max_tokens": 2},
+                       headers=h, timeout=120)
+        assert r.status_code == 404
         body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
         direct = httpx.post(single_node.url + "/generate", json=body, headers=h, timeout=120).json()
         via = httpx.post(g.url + "/generate", json=body, headers=h, timeout=120).json()
@@ -137,3 +146,41 @@ def test_gateway_forwards_to_head(single_node, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.kill(single_node.proc.pid, signal.SIGCONT)
         g.stop()
+
+
+def test_swarm_key_and_announce_on_daemons(tmp_path):
+    """--swarm-key: daemons with the same key form a swarm; another key or none cannot join.
+    --announce: the announced address comes first in the peer's record, as others see it."""
+    from p2p.host import write_swarm_key
+
+    k1, k2 = tmp_path / "k1", tmp_path / "k2"
+    write_swarm_key(k1)
+    write_swarm_key(k2)
+    listen_port = free_port()
+    forwarded = f"/ip4/127.0.0.1/tcp/{free_port()}"  # a port forward that nobody needs to dial here
+    daemons: list[Daemon] = []
+    try:
+        a = Daemon(["--layers", "none", "--swarm-key", str(k1), "--listen", f"/ip4/127.0.0.1/tcp/{listen_port}",
+                    "--announce", forwarded], tmp_path, name="a")
+        daemons.append(a)
+        a_id = wait_for(lambda: a.status()["peer_id"], 30, "a's peer id")
+        assert a.status()["addrs"][0] == f"{forwarded}/p2p/{a_id}"
+        boot = f"/ip4/127.0.0.1/tcp/{listen_port}/p2p/{a_id}"
+        b = Daemon(["--layers", "none", "--swarm-key", str(k1), "--bootstrap", boot], tmp_path, name="b")
+        c = Daemon(["--layers", "none", "--swarm-key", str(k2), "--bootstrap", boot], tmp_path, name="c")
+        d = Daemon(["--layers", "none", "--bootstrap", boot], tmp_path, name="d")
+        daemons += [b, c, d]
+        wait_for(lambda: a_id in _peer_ids(b), 60, "b (same key) to join a")
+        rec = next(p for p in b.status()["peers"] if p["peer_id"] == a_id)
+        assert rec["addrs"][0] == f"{forwarded}/p2p/{a_id}", rec["addrs"]
+        b_id = b.status()["peer_id"]
+        for outsider in (c, d):
+            wait_for(lambda o=outsider: (s := o.status()["bootstrap"]) and s[0].get("attempts", 0) >= 2, 60,
+                     f"{outsider.name} to retry its bootstrap")
+            st = outsider.status()
+            assert st["bootstrap"][0]["connected"] is False and not _peer_ids(outsider)
+            assert st["peer_id"] not in _peer_ids(a) | _peer_ids(b)
+        assert _peer_ids(a) == {b_id}
+    finally:
+        for x in daemons:
+            x.stop()

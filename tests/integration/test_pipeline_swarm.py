@@ -164,31 +164,42 @@ def test_concurrent_requests_each_equal_their_reference(swarm, f32_reference):
     assert sampled == [20] * len(sampled)
 
 
-def test_partial_model_peer_uses_less_memory(swarm, single_node):
+def test_partial_model_peer_uses_less_memory_and_dtype_applies(swarm, single_node):
     """Each peer loads only its layers: compare the engine processes' memory right after loading
-    (before the KV cache, which is the same 1 GiB everywhere and dwarfs a 135M model)."""
+    (before the KV cache, which is the same 1 GiB everywhere and dwarfs a 135M model).
+    --dtype float32 reaches the engines: the same 1 GiB holds 30/(10*2) = 1.5 times the blocks of
+    the bf16 full node (a third of the layers, twice the bytes per value)."""
     full = single_node.status()["engine"]["loaded_rss_mb"]
     head, stage = swarm.a.status()["engine"]["loaded_rss_mb"], swarm.c.status()["engine"]["loaded_rss_mb"]
     assert None not in (full, head, stage)
     assert stage < full * 0.9, (stage, full)
     assert swarm.c.status()["engine_rss_mb"] > 0
+    ratio = swarm.a.status()["engine"]["kv_blocks"] / single_node.status()["engine"]["kv_blocks"]
+    assert ratio == pytest.approx(1.5, rel=0.05), ratio
 
 
 @pytest.mark.timeout(1200)
 def test_two_heads_share_the_swarm(swarm, f32_reference):
     """A second head and a second [20,30) stage join: the second head routes through the spare and
-    its own [20,30) (one head per stage); both heads answer exactly. Killed outright, they take
-    their engine processes with them."""
+    its own [20,30) (one head per stage); both heads answer exactly. The second head and its stage
+    have twice the KV cache space, the spare does not: the route agrees on the minimum. A gateway
+    sends a request to the less loaded head, and a client leaving mid-stream frees the head's slot.
+    Killed outright, the second head and stage take their engine processes with them."""
     _, spare = swarm.in_use_and_spare()
     tmp = swarm.tmp
-    c2 = Daemon(["--layers", "20:30", "--bootstrap", swarm.boot, *OPTS], tmp, name="c2")
-    head2 = Daemon(["--layers", "0:10", "--bootstrap", swarm.boot, *OPTS], tmp, name="head2")
+    c2 = Daemon(["--layers", "20:30", "--bootstrap", swarm.boot, "--kv-cache-gib", "2", *OPTS], tmp, name="c2")
+    head2 = Daemon(["--layers", "0:10", "--bootstrap", swarm.boot, "--kv-cache-gib", "2", *OPTS], tmp,
+                   name="head2")
+    gw = Daemon(["--layers", "none", "--bootstrap", swarm.boot], tmp, name="gw")
     try:
         c2.wait_ready(timeout=600)
         head2.wait_ready(timeout=600)
         ids = swarm.ids()
         assert swarm.a.status()["route"][2] == ids["c"]
         assert head2.status()["route"][1:] == [spare.status()["peer_id"], c2.status()["peer_id"]]
+        # KV blocks: the minimum over the route (the spare's 1 GiB), not the head's own 2 GiB
+        kv1, kv2 = swarm.a.status()["engine"]["kv_blocks"], head2.status()["engine"]["kv_blocks"]
+        assert kv1 and kv2 == kv1, (kv1, kv2)
         results: dict = {}
 
         def run(d: Daemon, key: str) -> None:
@@ -201,6 +212,7 @@ def test_two_heads_share_the_swarm(swarm, f32_reference):
             t.join(timeout=600)
         expected = [p + e for p, e in zip(F32_PROMPTS[:3], f32_reference["one"][:3])]
         assert results["h1"] == expected and results["h2"] == expected
+        _gateway_picks_the_less_loaded_head_and_frees_slots(gw, swarm.a, head2)
         # a daemon killed outright takes its engine processes with it (no orphaned model in memory):
         # the stage process of a stage, vLLM's EngineCore of a head
         import psutil
@@ -223,8 +235,68 @@ def test_two_heads_share_the_swarm(swarm, f32_reference):
         # the spare is free again once its head is gone
         wait_for(lambda: spare.status()["serving_head"] is None, 120, "the spare to be released")
     finally:
+        gw.stop()
         head2.stop()
         c2.stop()
+
+
+def _heads_seen(gw: Daemon) -> dict[str, dict]:
+    return {p["peer_id"]: p for p in gw.status()["peers"]
+            if p["layers"][0] == 0 and p["layers"][1] > 0 and (p.get("extras") or {}).get("engine") == "ready"}
+
+
+def _gateway_picks_the_less_loaded_head_and_frees_slots(gw: Daemon, h1: Daemon, h2: Daemon) -> None:
+    id1, id2 = h1.status()["peer_id"], h2.status()["peer_id"]
+    wait_for(lambda: {id1, id2} <= set(_heads_seen(gw)) and gw.status()["ready"], 60, "the gateway to see both heads")
+    body = {"prompt": "Tell me a story", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    # keep head 1 busy; once the gateway has heard so (announcements), it must choose head 2
+    with httpx.stream("POST", h1.url + "/v1/completions", json=body, timeout=300) as busy:
+        lines = busy.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        wait_for(lambda: _heads_seen(gw)[id1]["active_requests"] >= 1
+                 and _heads_seen(gw)[id2]["active_requests"] == 0, 60, "the gateway to see head 1 busy")
+        totals = {id1: h1.status()["total_requests"], id2: h2.status()["total_requests"]}
+        r = httpx.post(gw.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert h2.status()["total_requests"] == totals[id2] + 1
+        assert h1.status()["total_requests"] == totals[id1]
+    # a client leaving a stream through the gateway: the head serving it drops the request
+    with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=300) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got >= 3:
+                break
+        assert h1.status()["active_requests"] + h2.status()["active_requests"] >= 1
+    for h in (h1, h2):
+        wait_for(lambda h=h: (st := h.status())["active_requests"] == 0 and st["engine"]["unfinished"] == 0, 60,
+                 f"{h.name} to drop the requests of clients that left")
+
+
+def _stage_process(d: Daemon):
+    import psutil
+
+    kids = [p for p in psutil.Process(d.proc.pid).children() if "molinkd.engine.stage" in " ".join(p.cmdline())]
+    return kids[0] if len(kids) == 1 else None
+
+
+@pytest.mark.timeout(900)
+def test_a_crashed_stage_process_is_restarted_with_backoff(swarm):
+    """The spare's stage process dies (SIGKILL), then its replacement dies while loading: the daemon
+    restarts it after 2 s, then 4 s (doubling), and the stage serves again."""
+    _, spare = swarm.in_use_and_spare()
+    wait_for(lambda: spare.status()["serving_head"] is None and spare.status()["ready"], 120, "a free, ready spare")
+    first = wait_for(lambda: _stage_process(spare), 30, "the spare's stage process")
+    log_at = len(spare.log_path.read_text(errors="replace"))
+    first.kill()
+    second = wait_for(lambda: (p := _stage_process(spare)) and p.pid != first.pid and p, 60, "a restarted stage process")
+    assert not spare.status()["ready"]
+    second.kill()
+    wait_for(lambda: (p := _stage_process(spare)) and p.pid not in (first.pid, second.pid), 60, "a second restart")
+    wait_for(lambda: spare.status()["ready"], 300, "the restarted stage to be ready")
+    said = spare.log_path.read_text(errors="replace")[log_at:]
+    assert "stage process exited with -9" in said, said
+    assert said.index("restarting in 2s") < said.index("restarting in 4s"), said
 
 
 @pytest.mark.timeout(1200)
