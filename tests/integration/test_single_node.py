@@ -35,7 +35,7 @@ def test_greedy_generate_equals_plain_vllm(single_node, plain_vllm_outputs):
 def test_generate_stream_is_cumulative_nul_separated(single_node):
     with client(single_node) as c:
         with c.stream("POST", "/generate", json={"prompt": "The capital of France is", "max_tokens": 6,
-                                                 "temperature": 0, "stream": True}) as r:
+                                                 "temperature": 0, "ignore_eos": True, "stream": True}) as r:
             assert r.status_code == 200
             raw = b"".join(r.iter_bytes())
     chunks = [json.loads(x) for x in raw.split(b"\0") if x]
@@ -44,7 +44,7 @@ def test_generate_stream_is_cumulative_nul_separated(single_node):
     assert all(t.startswith("The capital of France is") for t in texts)
     assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))
     final = client(single_node).post("/generate", json={"prompt": "The capital of France is", "max_tokens": 6,
-                                                        "temperature": 0}).json()["text"][0]
+                                                        "temperature": 0, "ignore_eos": True}).json()["text"][0]
     assert texts[-1] == final
 
 
