@@ -9,10 +9,13 @@ computed in the same run on the same machine (conftest.py).
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
 from tests.integration.conftest import F32_PROMPTS, MAX_TOKENS, PROMPTS
-from tests.integration.pipeline_helpers import Stage, route_for, run_driver
+from tests.integration.pipeline_helpers import DRIVER, BackgroundJob, Stage, route_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,19 +41,65 @@ def stages(model_dir, tmp_path_factory, f32_reference_job):
             s.stop()
 
 
-def test_stage_refuses_wrong_span(model_dir, stages):
-    """A head whose route gives a running stage other layers than it holds is refused (and the
-    stage goes on serving: the next test uses it)."""
-    st = stages["float32"]
-    with pytest.raises(RuntimeError, match="route gives this stage 10:30"):
-        run_driver(spec(model_dir, "float32", route_for([(0, 10), (10, 30)], [st]), prompts=PROMPTS[:1]),
-                   timeout=300)
-    assert st.proc.poll() is None
+def _hello(stage: Stage, **change) -> tuple[str, dict]:
+    """Send a session probe straight to a running stage (as a head's executor would) and return its
+    answer: (frame type, body)."""
+    from molinkd.engine import wire
+    from molinkd.engine.link import FramedLink
+
+    body = wire.session_body(session="probe", model_hash="", route=route_for([(0, 15), (15, 30)], [stage]),
+                             num_layers=30, dtype="float32", max_model_len=1024, max_num_seqs=32,
+                             max_num_batched_tokens=256, block_size=0)
+    body.update(change)
+    link = FramedLink.connect(stage.addr, timeout=10)
+    try:
+        link.send(wire.HELLO, body)
+        f = link.recv(timeout=60)
+        return f.type, f.body
+    finally:
+        link.close()
 
 
-def test_two_stages_match_single_node_f32(model_dir, stages, f32_reference):
-    got = run_driver(spec(model_dir, "float32", route_for([(0, 15), (15, 30)], [stages["float32"]]), batch=True,
-                          logprobs=3))
+@pytest.mark.parametrize("change,needle", [
+    ({"route": [{"peer": "head", "addr": "", "start": 0, "end": 10},
+                {"peer": "s", "addr": "", "start": 10, "end": 30}]}, "route gives this stage 10:30"),
+    ({"dtype": "bfloat16"}, "dtype mismatch"),
+    ({"max_model_len": 4096}, "max_model_len"),
+    ({"max_num_seqs": 1000}, "larger limits"),
+])
+def test_stage_refuses_a_session_it_cannot_serve(stages, change, needle):
+    """Protocol refusals, against the running float32 stage (which goes on serving: the next test
+    uses it); a matching probe is accepted."""
+    t, body = _hello(stages["float32"], **change)
+    assert t == "eng.error" and needle in body["message"], (t, body)
+    assert stages["float32"].proc.poll() is None
+
+
+def test_stage_accepts_a_matching_probe(stages):
+    t, body = _hello(stages["float32"])
+    assert t == "eng.hello_ok", (t, body)
+    assert [(s["start"], s["end"]) for s in body["stages"]] == [(15, 30)] and body["stages"][0]["max_blocks"] > 0
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(model_dir, stages, tmp_path_factory):
+    """A float32 and a bfloat16 pipeline head (the driver) through their stages, run in parallel."""
+    tmp = tmp_path_factory.mktemp("pipeline_runs")
+    jobs = {
+        "float32": BackgroundJob([sys.executable, str(DRIVER), json.dumps(spec(
+            model_dir, "float32", route_for([(0, 15), (15, 30)], [stages["float32"]]), batch=True, logprobs=3))],
+            tmp, "driver-f32"),
+        "bfloat16": BackgroundJob([sys.executable, str(DRIVER), json.dumps(spec(
+            model_dir, "bfloat16", route_for([(0, 15), (15, 30)], [stages["bfloat16"]]), prompts=PROMPTS))],
+            tmp, "driver-bf16"),
+    }
+    yield jobs
+    for j in jobs.values():
+        j.stop()
+
+
+def test_two_stages_match_single_node_f32(pipeline_runs, f32_reference):
+    got = pipeline_runs["float32"].result()
     assert got["one"] == f32_reference["one"]
     # several concurrent requests in one batch: the same texts, every request the full length
     assert got["batch"] == f32_reference["batch"]
@@ -63,7 +112,5 @@ def test_two_stages_match_single_node_f32(model_dir, stages, f32_reference):
     assert got["prompt_logprobs"] == f32_reference["prompt_logprobs"]
 
 
-def test_two_stages_match_plain_vllm_bf16_one_at_a_time(model_dir, stages, plain_vllm_outputs):
-    got = run_driver(spec(model_dir, "bfloat16", route_for([(0, 15), (15, 30)], [stages["bfloat16"]]),
-                          prompts=PROMPTS))
-    assert got["one"] == plain_vllm_outputs
+def test_two_stages_match_plain_vllm_bf16_one_at_a_time(pipeline_runs, plain_vllm_outputs):
+    assert pipeline_runs["bfloat16"].result()["one"] == plain_vllm_outputs
