@@ -261,17 +261,18 @@ def _gateway_picks_the_less_loaded_head_and_frees_slots(gw: Daemon, h1: Daemon, 
     # a client leaving a stream through the gateway: the head serving it drops the request
     with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=300) as r:
         seen = []
-        for line in r.iter_lines():
+        lines = r.iter_lines()  # (keep a reference: a dropped line iterator closes the connection)
+        for line in lines:
             if line.startswith("data: "):
                 seen.append(line)
             if len(seen) >= 3:
                 break
         assert r.status_code == 200 and len(seen) == 3 and "error" not in "".join(seen), (r.status_code, seen)
-        wait_for(lambda: sum(h.status()["engine"]["unfinished"] for h in (h1, h2)) >= 1, 30,
-                 "the request to run on a head")
-    for h in (h1, h2):
-        wait_for(lambda h=h: (st := h.status())["active_requests"] == 0 and st["engine"]["unfinished"] == 0, 60,
-                 f"{h.name} to drop the requests of clients that left")
+        wait_for(lambda: sum(h.status()["active_requests"] for h in (h1, h2)) == 1, 30, "the request on a head")
+        assert gw.status()["active_requests"] == 1
+    for d in (gw, h1, h2):
+        wait_for(lambda d=d: (st := d.status())["active_requests"] == 0 and st["engine"]["unfinished"] == 0, 60,
+                 f"{d.name} to drop the request of the client that left")
 
 
 def _stage_process(d: Daemon):

@@ -113,7 +113,7 @@ async def test_expiry_after_silent_stop_and_immediate_removal_on_leave() -> None
             t_stop = trio.current_time()
             await wait_until(lambda: c.peer_id not in ids(da), ttl + 30, "C expired")  # type: ignore[arg-type]
             gone_after = trio.current_time() - t_stop
-            assert gone_after >= ttl - 2 * period - 0.1, gone_after  # not removed early
+            assert gone_after >= ttl / 2, gone_after  # not removed early (4 periods of margin for late announcements)
             # (snapshots hide an expired entry at once; the expiry sweep counts it just after)
             await wait_until(lambda: da.stats["expired"] >= 1, 30, "expiry counted")  # type: ignore[union-attr]
             assert da.stats["removed_offline"] == 0  # type: ignore[union-attr]
