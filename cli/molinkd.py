@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = j.add_argument_group("logging")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
     g.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    # timing knobs for tests and labs (hidden: the defaults suit real swarms)
+    j.add_argument("--announce-period", type=_pos_float, default=2.0, help=argparse.SUPPRESS)
+    j.add_argument("--ban-seconds", type=_pos_float, default=30.0, help=argparse.SUPPRESS)
     return p
 
 
@@ -213,6 +216,8 @@ def parse_config(argv: list[str]) -> DaemonConfig:
         seed=args.seed,
         log_level=args.log_level,
         log_json=args.log_json,
+        announce_period=args.announce_period,
+        ban_seconds=args.ban_seconds,
         drain_timeout=args.drain_timeout,
     )
     if args.listen:

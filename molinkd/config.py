@@ -39,7 +39,8 @@ class DaemonConfig:
     gpu_memory_utilization: float | None = None
     seed: int = 0
     # behaviour
-    announce_period: float = 2.0
+    announce_period: float = 2.0  # peers expire after 3 periods of silence
+    ban_seconds: float = 30.0  # first exclusion of a faulty peer from routes (doubles on repeats)
     drain_timeout: float = 30.0  # SIGTERM: seconds to finish in-flight work after saying goodbye
     log_level: str = "warning"
     log_json: bool = False

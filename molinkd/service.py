@@ -514,11 +514,12 @@ def _read_failure(d: Daemon) -> dict:
 
 
 def _ban(d: Daemon, peer: str, why: str) -> None:
-    """Route around ``peer`` for a while (30 s, doubling on repeat offences, at most 10 min)."""
+    """Route around ``peer`` for a while (``--ban-seconds``, default 30 s, doubling on repeat
+    offences, at most 10 min)."""
     prev = d.banned.get(peer)
     now = time.monotonic()
     # repeat offences double the ban; a peer that behaved for 10 minutes starts over
-    length = min(prev[2] * 2, 600.0) if prev and now - prev[0] < 600 else 30.0
+    length = min(prev[2] * 2, 600.0) if prev and now - prev[0] < 600 else d.cfg.ban_seconds
     d.banned[peer] = (time.monotonic() + length, why, length)
     log.warning("banning peer from routes", extra=logs.kv(peer=peer, seconds=length, reason=why))
     _say(f"excluding peer {peer[:16]} from routes for {length:.0f}s: {why}")

@@ -4,7 +4,7 @@ vLLM's spawned EngineCore needs a main guard).
 usage: python pipeline_driver.py SPEC_JSON   -> prints "RESULT {json}"
 
 SPEC: {"model", "dtype", "route" (null = single node), "prompts", "max_tokens",
-       "one_by_one": bool, "batch": bool, "logprobs": int (0 = off), "bench": null | {...}}
+       "one_by_one": bool, "batch": bool (all prompts at once, ignore_eos), "logprobs": int (0 = off), "bench": null | {...}}
 """
 
 import json
@@ -50,7 +50,9 @@ def run(spec: dict) -> dict:
         out["one"] = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].text for p in prompts]
         log("one by one done")
     if spec.get("batch"):
-        res = llm.generate(prompts, greedy, use_tqdm=False)
+        # ignore_eos: every request runs the full max_tokens, so the token counts mean something
+        res = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True),
+                           use_tqdm=False)
         out["batch"] = [r.outputs[0].text for r in res]
         out["batch_tokens"] = [len(r.outputs[0].token_ids) for r in res]
         log("batch done")

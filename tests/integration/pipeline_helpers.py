@@ -68,6 +68,39 @@ def route_for(spans: list[tuple[int, int]], stages: list[Stage]) -> list[dict]:
     return route
 
 
+class BackgroundJob:
+    """A subprocess that prints one ``RESULT {json}`` line (the pipeline driver, plain vLLM), run in
+    the background so it loads its engine while daemons load theirs; output goes to files."""
+
+    def __init__(self, cmd: list[str], tmp: Path, name: str) -> None:
+        self.name = name
+        self.out, self.err = tmp / f"{name}.out", tmp / f"{name}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_env(), cwd=ROOT)
+        self._result: dict | None = None
+
+    def result(self, timeout: float = 900.0) -> dict:
+        if self._result is None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise TimeoutError(f"{self.name} gave no result within {timeout}s") from None
+            for line in self.out.read_text(errors="replace").splitlines():
+                if line.startswith("RESULT "):
+                    self._result = json.loads(line[7:])
+                    break
+            else:
+                raise RuntimeError(f"{self.name} failed ({self.proc.returncode}):\n"
+                                   f"{self.err.read_text(errors='replace')[-5000:]}")
+        return self._result
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 def run_driver(spec: dict, timeout: float = 900.0) -> dict:
     r = subprocess.run(
         [sys.executable, str(DRIVER), json.dumps(spec)],

@@ -144,3 +144,51 @@ def test_symmetric_nats_stay_relayed(tmp_path: Path) -> None:
         kinds = [e["kind"] for e in p.all("kind") if e["peer"] == other]
         assert "direct" not in kinds, f"{p.name}: hole punching through symmetric NATs? {kinds}"
         assert p.wait_for("done", 0)["final"][other] == "relayed"
+
+
+def _daemon_status(ns: object, port: int) -> dict:
+    """A daemon's /status, asked from inside its namespace (its HTTP API is on that loopback)."""
+    code = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/status', timeout=5).read().decode())"
+    r = subprocess.run(ns.argv([sys.executable, "-c", code]), capture_output=True, text=True, timeout=30)  # type: ignore[attr-defined]
+    if r.returncode != 0:
+        raise OSError(r.stderr[-300:])
+    return json.loads(r.stdout)
+
+
+def test_daemons_behind_cone_nats_reach_each_other(tmp_path: Path) -> None:
+    """Real molinkd daemons (gateways: no engine) in the lab: the NATed ones find themselves
+    private, hold a reservation on the public bootstrap's relay and advertise its circuit address,
+    learn of each other, and measure a round-trip time to each other (over the relay or a
+    hole-punched connection)."""
+    from tests.helpers import REPO, wait_for
+
+    http = 8000
+    with open_nat_lab(("cone", "cone")) as lab:
+        def start(name: str, ns: object, args: list[str]) -> subprocess.Popen:
+            with open(tmp_path / f"{name}.log", "w") as log:
+                return lab.popen(ns, [sys.executable, "-m", "cli.molinkd", "join", "--layers", "none",  # type: ignore[arg-type]
+                                      "--http", f"127.0.0.1:{http}", "--identity", str(tmp_path / f"{name}.key"),
+                                      *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+        def logs() -> str:
+            return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.log"))
+
+        start("boot", lab.public, ["--listen", f"/ip4/{lab.public.ip}/tcp/{PORT}"])
+        boot_id = wait_for(lambda: _daemon_status(lab.public, http)["peer_id"], 60, "the bootstrap daemon")
+        boot = f"/ip4/{lab.public.ip}/tcp/{PORT}/p2p/{boot_id}"
+        for i, h in enumerate(lab.hosts):
+            start(f"nat{i + 1}", h, ["--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--bootstrap", boot])
+        ids = [wait_for(lambda h=h: _daemon_status(h, http)["peer_id"], 60, "a NATed daemon") for h in lab.hosts]
+        try:
+            for h, me, other in ((lab.hosts[0], ids[0], ids[1]), (lab.hosts[1], ids[1], ids[0])):
+                st = wait_for(lambda h=h: (s := _daemon_status(h, http))["nat"]
+                              and s["nat"]["reachability"] == "private"
+                              and any(f"/p2p/{boot_id}/p2p-circuit/p2p/{me}" in a for a in s["nat"]["advertised_addrs"])
+                              and s, 120, "a private reachability and a relay reservation")
+                assert st["bootstrap"][0]["connected"] is True
+                rec = wait_for(lambda h=h, other=other: next(
+                    (p for p in _daemon_status(h, http)["peers"] if p["peer_id"] == other and p["rtt_ms"] is not None),
+                    None), 120, "the other NATed daemon, with a measured round trip")
+                assert rec["rtt_ms"] > 0
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{logs()}") from None

@@ -1,94 +1,116 @@
-"""End to end: a vLLM pipeline head [0,15) + a stage process [15,30) (and a 3-stage chain)
-give exactly the greedy outputs of single-node vLLM on the same model.
+"""End to end: a vLLM pipeline head [0,15) + a stage process [15,30) give exactly the greedy
+outputs of single-node vLLM on the same model (the 3-stage chain runs through daemons in
+test_pipeline_swarm.py).
 
 float32 is used where batches are compared (bf16 greedy output depends on batch composition,
-design.md section 4); one-at-a-time generation is compared in bf16 too.
+design.md section 4); one-at-a-time generation is compared in bf16 too. The references are
+computed in the same run on the same machine (conftest.py).
 """
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
-from tests.integration.pipeline_helpers import Stage, route_for, run_driver
+from tests.integration.conftest import F32_PROMPTS, MAX_TOKENS, PROMPTS
+from tests.integration.pipeline_helpers import DRIVER, BackgroundJob, Stage, route_for
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "The three primary colors are",
-    "List three prime numbers:",
-    "Water boils at",
-]
-MAX_TOKENS = 24
 
-
-def spec(model_dir, dtype, route=None, **kw):
-    return {
-        "model": model_dir, "dtype": dtype, "route": route, "prompts": PROMPTS,
-        "max_tokens": MAX_TOKENS, **kw,
-    }
+def spec(model_dir, dtype, route=None, prompts=F32_PROMPTS, **kw):
+    return {"model": model_dir, "dtype": dtype, "route": route, "prompts": prompts, "max_tokens": MAX_TOKENS, **kw}
 
 
 @pytest.fixture(scope="module")
-def single_f32(model_dir):
-    return run_driver(spec(model_dir, "float32", batch=True, logprobs=3))
-
-
-def test_two_stages_match_single_node_f32(model_dir, tmp_path, single_f32):
-    st = Stage(model_dir, "15:30", tmp_path, dtype="float32")
+def stages(model_dir, tmp_path_factory, f32_reference_job):
+    """A float32 and a bfloat16 stage for layers 15:30, loading in parallel (and with the float32
+    reference)."""
+    tmp = tmp_path_factory.mktemp("pipeline_engine")
+    (tmp / "f32").mkdir()
+    (tmp / "bf16").mkdir()
+    started = [Stage(model_dir, "15:30", tmp / "f32", dtype="float32"), Stage(model_dir, "15:30", tmp / "bf16")]
     try:
-        st.wait_ready()
-        got = run_driver(spec(model_dir, "float32", route_for([(0, 15), (15, 30)], [st]), batch=True, logprobs=3))
+        for s in started:
+            s.wait_ready()
+        yield {"float32": started[0], "bfloat16": started[1]}
     finally:
-        st.stop()
-    assert got["one"] == single_f32["one"]
-    # several concurrent requests in one batch: same texts and token counts
-    assert got["batch"] == single_f32["batch"]
-    assert got["batch_tokens"] == single_f32["batch_tokens"]
-    assert all(n == MAX_TOKENS for n in got["batch_tokens"]) or all(n <= MAX_TOKENS for n in got["batch_tokens"])
+        for s in started:
+            s.stop()
+
+
+def _hello(stage: Stage, **change) -> tuple[str, dict]:
+    """Send a session probe straight to a running stage (as a head's executor would) and return its
+    answer: (frame type, body)."""
+    from molinkd.engine import wire
+    from molinkd.engine.link import FramedLink
+
+    body = wire.session_body(session="probe", model_hash="", route=route_for([(0, 15), (15, 30)], [stage]),
+                             num_layers=30, dtype="float32", max_model_len=1024, max_num_seqs=32,
+                             max_num_batched_tokens=256, block_size=128)  # vLLM CPU's block size
+    body.update(change)
+    link = FramedLink.connect(stage.addr, timeout=10)
+    try:
+        link.send(wire.HELLO, body)
+        f = link.recv(timeout=60)
+        return f.type, f.body
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"route": [{"peer": "head", "addr": "", "start": 0, "end": 10},
+                {"peer": "s", "addr": "", "start": 10, "end": 30}]}, "route gives this stage 10:30"),
+    ({"dtype": "bfloat16"}, "dtype mismatch"),
+    ({"max_model_len": 4096}, "max_model_len"),
+    ({"max_num_seqs": 1000}, "larger limits"),
+])
+def test_stage_refuses_a_session_it_cannot_serve(stages, change, needle):
+    """Protocol refusals, against the running float32 stage (which goes on serving: the next test
+    uses it); a matching probe is accepted."""
+    t, body = _hello(stages["float32"], **change)
+    assert t == "eng.error" and needle in body["message"], (t, body)
+    assert stages["float32"].proc.poll() is None
+
+
+def test_stage_accepts_a_matching_probe(stages):
+    t, body = _hello(stages["float32"])
+    assert t == "eng.hello_ok", (t, body)
+    assert [(s["start"], s["end"]) for s in body["stages"]] == [(15, 30)] and body["stages"][0]["max_blocks"] > 0
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(model_dir, stages, tmp_path_factory):
+    """A float32 and a bfloat16 pipeline head (the driver) through their stages, run in parallel."""
+    tmp = tmp_path_factory.mktemp("pipeline_runs")
+    jobs = {
+        "float32": BackgroundJob([sys.executable, str(DRIVER), json.dumps(spec(
+            model_dir, "float32", route_for([(0, 15), (15, 30)], [stages["float32"]]), batch=True, logprobs=3))],
+            tmp, "driver-f32"),
+        "bfloat16": BackgroundJob([sys.executable, str(DRIVER), json.dumps(spec(
+            model_dir, "bfloat16", route_for([(0, 15), (15, 30)], [stages["bfloat16"]]), prompts=PROMPTS))],
+            tmp, "driver-bf16"),
+    }
+    yield jobs
+    for j in jobs.values():
+        j.stop()
+
+
+def test_two_stages_match_single_node_f32(pipeline_runs, f32_reference):
+    got = pipeline_runs["float32"].result()
+    assert got["one"] == f32_reference["one"]
+    # several concurrent requests in one batch: the same texts, every request the full length
+    assert got["batch"] == f32_reference["batch"]
+    assert got["batch_tokens"] == f32_reference["batch_tokens"] == [MAX_TOKENS] * len(F32_PROMPTS)
     # logprobs and prompt logprobs survive the trip from the last stage
-    assert [sorted(d) for d in got["logprobs"]] == [sorted(d) for d in single_f32["logprobs"]]
-    for a, b in zip(got["logprobs"], single_f32["logprobs"]):
+    assert [sorted(d) for d in got["logprobs"]] == [sorted(d) for d in f32_reference["logprobs"]]
+    for a, b in zip(got["logprobs"], f32_reference["logprobs"]):
         for t in a:
             assert a[t] == pytest.approx(b[t], abs=1e-2)
-    assert got["prompt_logprobs"] == single_f32["prompt_logprobs"]
+    assert got["prompt_logprobs"] == f32_reference["prompt_logprobs"]
 
 
-def test_two_stages_match_single_node_bf16_one_at_a_time(model_dir, tmp_path):
-    ref = run_driver(spec(model_dir, "bfloat16"))
-    st = Stage(model_dir, "15:30", tmp_path)
-    try:
-        st.wait_ready()
-        got = run_driver(spec(model_dir, "bfloat16", route_for([(0, 15), (15, 30)], [st])))
-    finally:
-        st.stop()
-    assert got["one"] == ref["one"]
-    assert "Paris" in got["one"][0]
-
-
-def test_three_stages_match_single_node(model_dir, tmp_path, single_f32):
-    last = Stage(model_dir, "20:30", tmp_path, dtype="float32")
-    # a stage takes no address from the network: the middle one is told where the next one listens
-    stages = [Stage(model_dir, "10:20", tmp_path, dtype="float32", extra=["--next", last.addr]), last]
-    try:
-        for s in stages:
-            s.wait_ready()
-        got = run_driver(spec(model_dir, "float32", route_for([(0, 10), (10, 20), (20, 30)], stages), batch=True))
-    finally:
-        for s in stages:
-            s.stop()
-    assert got["one"] == single_f32["one"]
-    assert got["batch"] == single_f32["batch"]
-    assert got["batch_tokens"] == single_f32["batch_tokens"]
-
-
-def test_stage_refuses_wrong_span(model_dir, tmp_path):
-    st = Stage(model_dir, "15:30", tmp_path)
-    try:
-        st.wait_ready()
-        with pytest.raises(RuntimeError, match="route gives this stage 10:30"):
-            run_driver(spec(model_dir, "bfloat16", route_for([(0, 10), (10, 30)], [st])), timeout=300)
-    finally:
-        st.stop()
+def test_two_stages_match_plain_vllm_bf16_one_at_a_time(pipeline_runs, plain_vllm_outputs):
+    assert pipeline_runs["bfloat16"].result()["one"] == plain_vllm_outputs

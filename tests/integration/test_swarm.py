@@ -1,7 +1,8 @@
 """The swarm layer with real libp2p hosts on 127.0.0.1 (ephemeral ports, no vLLM).
 
-Every wait is bounded (``wait_until``); periods and TTLs are short so the whole file runs in
-a few seconds plus the swarm-key test.
+Every wait is bounded (``wait_until``) with generous deadlines that a loaded machine cannot
+miss; periods and TTLs are short so the whole file runs in seconds. No assertion depends on
+how fast the machine is: a polite leave is told from an expiry by the discovery counters.
 """
 
 from __future__ import annotations
@@ -84,14 +85,14 @@ async def test_three_peers_join_through_one_bootstrap() -> None:
         boot = (a.addrs()[0],)
         async with swarm_peer((10, 20), boot) as (b, db, _), swarm_peer((20, 30), boot) as (c, dc, _):
             everyone = {a.peer_id, b.peer_id, c.peer_id}
-            took = await wait_until(lambda: all(ids(d) == everyone for d in (da, db, dc)), 5, "all tables complete")  # type: ignore[union-attr]
+            took = await wait_until(lambda: all(ids(d) == everyone for d in (da, db, dc)), 30, "all tables complete")  # type: ignore[union-attr]
             cov = coverage(dc.table.snapshot(), L, MODEL)  # type: ignore[union-attr]
             assert cov.complete and cov.chain, cov
             rb = dc.table.get(b.peer_id)  # type: ignore[union-attr]
             assert rb is not None and rb.span == (10, 20) and rb.extras["http"] == "127.0.0.1:8010"
             assert rb.addrs and rb.addrs[0].endswith(f"/p2p/{b.peer_id}")
             # B and C only knew A; they found each other through the announcements
-            await wait_until(lambda: c.is_connected(b.peer_id) or b.is_connected(c.peer_id), 5, "B-C direct connection")
+            await wait_until(lambda: c.is_connected(b.peer_id) or b.is_connected(c.peer_id), 30, "B-C direct connection")
             st = b.bootstrap_status()
             assert st[0]["connected"] and st[0]["attempts"] >= 1 and st[0]["last_error"] is None
             assert da.stats["dropped_bad"] == 0 and da.stats["received"] > 0  # type: ignore[union-attr]
@@ -100,26 +101,29 @@ async def test_three_peers_join_through_one_bootstrap() -> None:
 
 @pytest.mark.trio
 async def test_expiry_after_silent_stop_and_immediate_removal_on_leave() -> None:
-    period, ttl = 0.25, 1.5
+    # a TTL of 8 periods: a loaded machine that delays a few announcements expires no one early
+    period, ttl = 0.5, 4.0
     async with swarm_peer((0, 10), period=period, ttl=ttl) as (a, da, _):
         boot = (a.addrs()[0],)
         async with swarm_peer((10, 20), boot, period=period, ttl=ttl) as (b, db, _):
             async with swarm_peer((20, 30), boot, period=period, ttl=ttl) as (c, dc, c_scope):
-                await wait_until(lambda: len(ids(da)) == 3, 5, "A sees 3 peers")  # type: ignore[arg-type]
+                await wait_until(lambda: len(ids(da)) == 3, 30, "A sees 3 peers")  # type: ignore[arg-type]
                 # C dies silently: A keeps it until the TTL runs out, then drops it
                 c_scope.cancel()
             t_stop = trio.current_time()
-            await wait_until(lambda: c.peer_id not in ids(da), ttl + 2, "C expired")  # type: ignore[arg-type]
+            await wait_until(lambda: c.peer_id not in ids(da), ttl + 30, "C expired")  # type: ignore[arg-type]
             gone_after = trio.current_time() - t_stop
-            assert gone_after >= ttl - 2 * period - 0.1, gone_after  # not removed early
+            assert gone_after >= ttl / 2, gone_after  # not removed early (4 periods of margin for late announcements)
             # (snapshots hide an expired entry at once; the expiry sweep counts it just after)
-            await wait_until(lambda: da.stats["expired"] >= 1, 2 * period + 0.5, "expiry counted")  # type: ignore[union-attr]
-            # B leaves politely: removed at once, well before the TTL
+            await wait_until(lambda: da.stats["expired"] >= 1, 30, "expiry counted")  # type: ignore[union-attr]
+            assert da.stats["removed_offline"] == 0  # type: ignore[union-attr]
+            # B leaves politely: removed on its offline record (counted as such), not by expiry
             assert b.peer_id in ids(da)  # type: ignore[arg-type]
+            expired = da.stats["expired"]  # type: ignore[union-attr]
             await db.leave()  # type: ignore[union-attr]
-            took = await wait_until(lambda: b.peer_id not in ids(da), 1.0, "B removed after leave")  # type: ignore[arg-type]
-            assert took < ttl / 2
+            await wait_until(lambda: b.peer_id not in ids(da), 30, "B removed after leave")  # type: ignore[arg-type]
             assert da.stats["removed_offline"] == 1  # type: ignore[union-attr]
+            assert da.stats["expired"] == expired  # type: ignore[union-attr]
             # and it stays gone although it was not renewed nor re-added
             await trio.sleep(3 * period)
             assert b.peer_id not in ids(da)  # type: ignore[arg-type]
@@ -158,13 +162,13 @@ async def test_unreachable_bootstrap_keeps_retrying_then_connects(tmp_path: Path
     boot_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{boot_id}"
     cfg = dict(bootstrap_backoff_initial=0.2, bootstrap_backoff_max=0.5, dial_timeout=1.0)
     async with swarm_peer((0, 30), (boot_addr,), **cfg) as (n, dn, _):
-        await wait_until(lambda: n.bootstrap_status()[0]["attempts"] >= 3, 5, "3 failed attempts")
+        await wait_until(lambda: n.bootstrap_status()[0]["attempts"] >= 3, 30, "3 failed attempts")
         st = n.bootstrap_status()[0]
         assert not st["connected"] and st["last_error"] and boot_id in st["last_error"]
         # the bootstrap comes up later (after more than libp2p's 3-failure give-up)
         async with open_node(NodeConfig(listen=(f"/ip4/127.0.0.1/tcp/{port}",), identity_path=key)) as boot:
             assert boot.peer_id == boot_id
-            await wait_until(lambda: n.bootstrap_status()[0]["connected"], 5, "bootstrap reconnect")
+            await wait_until(lambda: n.bootstrap_status()[0]["connected"], 30, "bootstrap reconnect")
             assert n.is_connected(boot_id)
 
 
@@ -179,9 +183,9 @@ async def test_swarm_key_rejects_other_keys(tmp_path: Path) -> None:
         async with swarm_peer((15, 30), boot, swarm_key_path=k1, **fast) as (b, db, _), swarm_peer(
             (15, 30), boot, swarm_key_path=k2, **fast
         ) as (c, dc, _), swarm_peer((15, 30), boot, **fast) as (d, dd, _):
-            await wait_until(lambda: ids(da) == {a.peer_id, b.peer_id}, 5, "same-key peer joins")  # type: ignore[arg-type]
+            await wait_until(lambda: ids(da) == {a.peer_id, b.peer_id}, 30, "same-key peer joins")  # type: ignore[arg-type]
             # give the wrong-key and no-key peers several attempts
-            await wait_until(lambda: c.bootstrap_status()[0]["attempts"] >= 2 and d.bootstrap_status()[0]["attempts"] >= 2, 8, "retries")
+            await wait_until(lambda: c.bootstrap_status()[0]["attempts"] >= 2 and d.bootstrap_status()[0]["attempts"] >= 2, 30, "retries")
             for outsider, disc in ((c, dc), (d, dd)):
                 assert outsider.peer_id not in ids(da) and outsider.peer_id not in ids(db)  # type: ignore[arg-type]
                 assert ids(disc) == {outsider.peer_id}  # type: ignore[arg-type]
@@ -200,7 +204,7 @@ async def test_bad_forged_and_foreign_records_are_dropped(caplog: pytest.LogCapt
         # X runs no Discovery (so no validator of its own) and publishes by hand
         async with swarm_peer(None, (a.addrs()[0],)) as (x, _, _):
             await x.subscribe(topic)
-            await wait_until(lambda: x.peer_id in a.topic_peers(topic) and a.peer_id in x.topic_peers(topic), 5, "topic mesh")
+            await wait_until(lambda: x.peer_id in a.topic_peers(topic) and a.peer_id in x.topic_peers(topic), 30, "topic mesh")
 
             def record(pid: str, model_hash: str = MODEL) -> bytes:
                 r = PeerRecord(
@@ -215,7 +219,7 @@ async def test_bad_forged_and_foreign_records_are_dropped(caplog: pytest.LogCapt
             await x.publish(topic, record("12D3KooWnotreallyapeerid"))  # claims another peer
             await x.publish(topic, record(x.peer_id, model_hash="ff" * 32))  # other model
             await x.publish(topic, record(x.peer_id))  # honest: accepted
-            await wait_until(lambda: x.peer_id in ids(da), 5, "honest record accepted")
+            await wait_until(lambda: x.peer_id in ids(da), 30, "honest record accepted")
             s = da.stats
             assert (s["dropped_bad"], s["dropped_forged"], s["dropped_foreign_model"]) == (2, 2, 1), s
             # A's own entry is still its own record, not the forged one
@@ -253,7 +257,7 @@ async def test_custom_protocol_round_trip_ping_and_dial_errors() -> None:
         # Noise only (no secio, no /plaintext/2.0.0), yamux only
         assert b.security_protocols()["security"] == ["/noise"] and b.security_protocols()["muxer"] == ["/yamux/1.0.0"]
         rtt = await b.ping(a.peer_id, timeout=5)
-        assert 0 < rtt < 1.0
+        assert rtt > 0
         with pytest.raises(DialError, match="/molink/nope"):
             await b.open_stream(a.peer_id, "/molink/nope/1", timeout=3)
         port = _free_port()  # nobody listens there
@@ -262,4 +266,4 @@ async def test_custom_protocol_round_trip_ping_and_dial_errors() -> None:
             await b.open_stream(
                 "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN", proto, [f"/ip4/127.0.0.1/tcp/{port}"], timeout=3
             )
-        assert trio.current_time() - t0 < 3.5
+        assert trio.current_time() - t0 < 30  # the dial gave up (3 s timeout) instead of hanging

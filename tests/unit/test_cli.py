@@ -14,6 +14,17 @@ def test_defaults_and_both_spellings():
     assert c.layers == "all" and c.http == "127.0.0.1:8000" and c.bootstrap == ()
 
 
+def test_hidden_timing_knobs():
+    c = parse_config(["join"])
+    assert (c.announce_period, c.ban_seconds) == (2.0, 30.0)
+    c = parse_config(["join", "--announce-period", "0.5", "--ban-seconds", "8"])
+    assert (c.announce_period, c.ban_seconds) == (0.5, 8.0)
+    from cli.molinkd import build_parser
+
+    helptext = build_parser()._subparsers._group_actions[0].choices["join"].format_help()
+    assert "--ban-seconds" not in helptext and "--announce-period" not in helptext
+
+
 def test_reference_aliases():
     c = parse_config(["join", "--serving-layers", "0,14", "--initial-peer", "10.0.0.1:8468/12D3KooWAbc",
                       "--pipeline-parallel-size", "2"])
