@@ -101,6 +101,34 @@ def test_two_stage_status_shows_route_and_holder(two_stage):
     assert r.returncode == 0 and "route" in r.stdout and "complete" in r.stdout
 
 
+def test_two_stage_metrics_and_event_lines(two_stage):
+    """The head's /metrics shows its route (per-stage step time) and coverage after requests; both
+    daemons logged one line for the other joining, the head one for the route it chose."""
+    from tests.integration.test_operations import scrape, value
+
+    head, stage = two_stage
+    _greedy(head, PROMPTS[1], max_tokens=8)
+    _greedy(stage, PROMPTS[2], max_tokens=8)  # forwarded to the head
+    hs, ss = head.status(), stage.status()
+    h, s = scrape(head), scrape(stage)
+    assert value(h, "molink_route_stages") == 2 and value(h, "molink_layers_covered") == 30
+    assert value(h, "molink_largest_gap_layers") == 0 and value(h, "molink_ready") == 1
+    for i, (peer, layers) in enumerate([(hs["peer_id"], "0:15"), (ss["peer_id"], "15:30")]):
+        assert value(h, "molink_stage_step_seconds", stage=str(i), peer=peer, layers=layers) > 0
+    assert value(h, "molink_pipeline_steps_total") > 0 and value(h, "molink_route_changes_total") == 1
+    assert value(h, "molink_peer_sent_bytes_total", peer=ss["peer_id"]) > 0  # hidden states, gossip
+    assert value(h, "molink_peer_received_bytes_total", peer=ss["peer_id"]) > 0
+    assert value(h, "molink_requests_total", endpoint="/generate", outcome="ok") >= 1
+    assert value(s, "molink_requests_total", endpoint="/generate", outcome="ok") >= 1
+    assert value(s, "molink_ready") == 1 and value(s, "molink_route_stages") == 0
+    head_log, stage_log = head.log_path.read_text(), stage.log_path.read_text()
+    routes = [line for line in head_log.splitlines() if "molinkd.events: route " in line]
+    assert len(routes) == 1 and "route chosen" in routes[0], routes
+    assert f"{hs['peer_id']}[0:15) -> {ss['peer_id']}[15:30)" in routes[0]
+    joined = [line for line in stage_log.splitlines() if "molinkd.events: peer joined" in line]
+    assert len(joined) == 1 and f"peer={hs['peer_id']}" in joined[0] and f"me={ss['peer_id']}" in joined[0]
+
+
 def test_half_model_peer_uses_less_memory(two_stage, single_node):
     """Each peer loads only its layers: compare the engine processes' memory right after loading
     (before the KV cache, which is the same 1 GiB everywhere and dwarfs a 135M model)."""
