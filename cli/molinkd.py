@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size on CPU in GiB (default 1)")
     g.add_argument("--gpu-memory-utilization", type=_fraction, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--engine-metrics", action="store_true",
+                   help="have vLLM record its own stats (vllm:* series and KV cache usage in /metrics)")
     g = j.add_argument_group("logging")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
     g.add_argument("--log-json", action="store_true", help="one JSON object per log line")
@@ -317,6 +319,7 @@ def parse_join(argv: list[str]) -> tuple[DaemonConfig, argparse.Namespace]:
         seed=args.seed,
         log_level=args.log_level,
         log_json=args.log_json,
+        engine_metrics=args.engine_metrics,
     )
     if args.listen:
         kw["listen"] = tuple(args.listen)
@@ -341,7 +344,7 @@ def effective_toml(cfg: DaemonConfig) -> str:
         ("dtype", cfg.dtype), ("max-model-len", cfg.max_model_len), ("max-num-seqs", cfg.max_num_seqs),
         ("max-num-batched-tokens", cfg.max_num_batched_tokens), ("kv-cache-gib", cfg.kv_cache_gib),
         ("gpu-memory-utilization", cfg.gpu_memory_utilization), ("seed", cfg.seed),
-        ("log-level", cfg.log_level), ("log-json", cfg.log_json),
+        ("engine-metrics", cfg.engine_metrics), ("log-level", cfg.log_level), ("log-json", cfg.log_json),
     ]
     notes = {"api-key": "set, not shown" if cfg.api_key else "not set",
              "model": "the embedded SmolLM2-135M-Instruct", "max-layers": "as many as fit",

@@ -135,7 +135,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_endpoint():
-        body = await trio.to_thread.run_sync(metrics.render)
+        body = metrics.render()  # on the loop: the collector reads the daemon's live state
         return Response(body, status=200, mimetype="text/plain", content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/status")

@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from molinkd import logs
 
+log = logging.getLogger("molinkd.metrics")
 events_log = logging.getLogger("molinkd.events")
 
 GEN_ENDPOINTS = ("/generate", "/v1/completions", "/v1/chat/completions")
@@ -332,7 +333,18 @@ class DaemonCollector:
         return []  # unchecked collector: its series depend on the swarm
 
     def collect(self) -> Iterable[Metric]:
-        d = self.d
+        # one failing part (a peer's odd record, a libp2p internal that moved) must not cost the
+        # scrape: each part is collected whole or dropped, with a warning
+        for part in (self._peer, self._swarm, self._route, self._engine, self._nat):
+            try:
+                got = list(part(self.d))
+            except Exception as e:  # noqa: BLE001
+                log.warning("metrics: %s failed: %s: %s", part.__name__, type(e).__name__, e)
+                continue
+            yield from got
+        yield from _vllm_metrics()
+
+    def _peer(self, d: Any) -> Iterable[Metric]:
         ready, _ = d.readiness()
         info = _gauge("molink_info", "This peer (value 1)", labels=["peer_id", "role", "model", "version"])
         from molinkd import __version__
@@ -348,11 +360,6 @@ class DaemonCollector:
                      (b.active if b else 0) + (remote.active if remote else 0))
         yield _gauge("molink_throughput_tokens_per_second", "Tokens generated per second (30 s window)",
                      b.throughput.rate() if b else 0.0)
-        yield from self._swarm(d)
-        yield from self._route(d)
-        yield from self._engine(d)
-        yield from self._nat(d)
-        yield from _vllm_metrics()
 
     def _swarm(self, d: Any) -> Iterable[Metric]:
         from p2p.records import coverage

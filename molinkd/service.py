@@ -90,6 +90,8 @@ def resolve_layers(layers: str, num_layers: int) -> tuple[int, int] | str:
 
 
 def engine_options(cfg: DaemonConfig, model: ModelInfo, **extra: Any) -> EngineOptions:
+    if cfg.engine_metrics:  # vLLM records its stats (vllm:* in /metrics); costs some CPU per step
+        extra["extra_kwargs"] = (*extra.get("extra_kwargs", ()), ("disable_log_stats", False))
     return EngineOptions(
         model=model.path,
         served_name=model.name,
