@@ -50,6 +50,9 @@ def render(st: dict) -> str:
     lines.append(f"layers   {lay[0]}:{lay[1]}   engine: {(st.get('engine') or {}).get('state', '-')}"
                  f"   active requests: {st.get('active_requests', 0)}   throughput: {st.get('throughput', 0)} tok/s"
                  + (f"   resumed: {st['resumed_requests']}" if st.get("resumed_requests") else ""))
+    rd = st.get("readiness")
+    if rd:
+        lines.append("ready    " + ("yes" if rd.get("ready") else f"no: {rd.get('reason')}"))
     for a in st.get("addrs") or []:
         lines.append(f"addr     {a}")
     for b in st.get("bootstrap") or []:

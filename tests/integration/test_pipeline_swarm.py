@@ -241,6 +241,15 @@ def test_three_stages_with_spare_and_a_garbage_peer(tmp_path, model_dir, plain_v
         st = a.status()
         assert st["route"][1] == spare_id and st["resumed_requests"] >= 2
         assert spare_id in st["banned"] and "stopped announcing" in st["banned"][spare_id]["reason"]
+        # each of those events is one log line naming the peers (molinkd.events)
+        events = [x for x in a.log_path.read_text().splitlines() if "molinkd.events:" in x]
+        assert [x for x in events if "peer banned from routes" in x and f"peer={evil_id}" in x]
+        assert [x for x in events if "peer banned from routes" in x and f"peer={spare_id}" in x]
+        changed = [x for x in events if "route changed" in x]
+        assert changed and f"{spare_id}[10:20)" in changed[0].split("previous=")[0]
+        assert sum("request resumed on another backend" in x for x in events) == st["resumed_requests"]
+        asker_events = c.log_path.read_text()
+        assert "request resumed on another backend" in asker_events and f"me={ids['c']}" in asker_events
     finally:
         for d in daemons:
             with contextlib.suppress(ProcessLookupError):
