@@ -299,7 +299,9 @@ class PeerBytes:
             if not direct:
                 relayed.add(peer)
         for key, reading in self._live.items():
-            if key not in seen:
+            now = seen.get(key)
+            # gone, or its fd now belongs to a newer connection (counters went back): fold it
+            if now is None or now[0] < reading[0] or now[1] < reading[1]:
                 acc = self._closed.setdefault(key[0], [0, 0])
                 acc[0] += reading[0]
                 acc[1] += reading[1]

@@ -248,3 +248,23 @@ def test_metrics_and_ready_on_a_single_node(single_node):
     st = d.status()
     assert st["readiness"] == {"ready": True, "reason": "ready"}
     assert st["counters"]["requests"]["/v1/completions"]["ok"] >= 3
+
+
+@pytest.mark.slow
+def test_engine_metrics_pass_vllm_series_through(tmp_path):
+    """--engine-metrics: vLLM records its stats; /metrics carries its vllm:* series and KV usage."""
+    d = Daemon(["--engine-metrics", "--max-num-seqs", "4"], tmp_path, name="em")
+    try:
+        d.wait_ready()
+        r = httpx.post(d.url + "/generate", json={"prompt": "Hello", "max_tokens": 8, "ignore_eos": True},
+                       timeout=300)
+        assert r.status_code == 200, r.text
+        def total(s: dict, name: str) -> float:
+            return sum(v for (n, _), v in s.items() if n == name)
+
+        s = wait_for(lambda: (lambda s: s if total(s, "vllm:generation_tokens_total") >= 8 else None)(scrape(d)),
+                     30, "vLLM's counters to move")
+        assert ("molink_kv_cache_usage_ratio", ()) in s
+        assert total(s, "vllm:time_to_first_token_seconds_count") >= 1
+    finally:
+        d.stop()

@@ -147,3 +147,49 @@ def test_tcp_byte_counters_of_a_real_loopback_connection():
     finally:
         for s in (x, y, srv):
             s.close()
+
+
+def test_peer_bytes_stay_monotonic_when_connections_close():
+    """PeerBytes over real loopback TCP sockets, held in the shape of py-libp2p's connection table."""
+    import socket
+    from types import SimpleNamespace
+
+    class PeerId(str):
+        def to_base58(self) -> str:
+            return str(self)
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    pairs = []
+    for _ in range(2):
+        x = socket.create_connection(srv.getsockname(), timeout=10)
+        y, _ = srv.accept()
+        pairs.append((x, y))
+    conns: dict = {PeerId("A"): [SimpleNamespace(muxed_conn=SimpleNamespace(secured_conn=SimpleNamespace(
+        stream=SimpleNamespace(socket=x)))) for x, _ in pairs]}
+    host = SimpleNamespace(get_network=lambda: SimpleNamespace(connections=conns))
+
+    def send(i: int, n: int) -> None:
+        x, y = pairs[i]
+        x.sendall(b"z" * n)
+        got = 0
+        while got < n:
+            got += len(y.recv(65536))
+
+    pb = m.PeerBytes()
+    try:
+        send(0, 500)
+        send(1, 700)
+        totals, relayed = pb.sample(host)
+        assert 1200 <= totals["A"][0] <= 1202 and relayed == set()
+        conns[PeerId("A")].pop(0)  # the first connection closes: its bytes stay counted
+        pairs[0][0].close()
+        send(1, 100)
+        totals, _ = pb.sample(host)
+        assert 1300 <= totals["A"][0] <= 1302
+        conns[PeerId("B")] = [SimpleNamespace(muxed_conn=SimpleNamespace())]  # no socket: a relayed peer
+        assert pb.sample(host)[1] == {"B"}
+    finally:
+        for x, y in pairs:
+            x.close()
+            y.close()
+        srv.close()
