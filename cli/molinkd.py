@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size on CPU in GiB (default 1)")
     g.add_argument("--gpu-memory-utilization", type=_fraction, default=None)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--engine-metrics", action="store_true",
-                   help="have vLLM record its own stats (vllm:* series and KV cache usage in /metrics)")
+    g.add_argument("--engine-metrics", action=argparse.BooleanOptionalAction, default=True,
+                   help="vLLM records its own stats: vllm:* series and KV cache usage in /metrics (default on; "
+                        "no throughput cost measured)")
     g = j.add_argument_group("logging")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
     g.add_argument("--log-json", action="store_true", help="one JSON object per log line")
@@ -213,14 +214,14 @@ def file_keys(join: argparse.ArgumentParser) -> dict[str, argparse.Action]:
         if a.dest in _NOT_IN_FILE:
             continue
         for opt in a.option_strings:
-            if opt.startswith("--"):
+            if opt.startswith("--") and not (isinstance(a, argparse.BooleanOptionalAction) and opt.startswith("--no-")):
                 out[opt[2:]] = a
     return out
 
 
 def _from_file(key: str, value: Any, action: argparse.Action) -> Any:
     """A config file value, checked and converted by the flag's own parser."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"expected true or false, got {value!r}")
         return value

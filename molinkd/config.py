@@ -42,7 +42,7 @@ class DaemonConfig:
     announce_period: float = 2.0
     log_level: str = "warning"
     log_json: bool = False
-    engine_metrics: bool = False  # vLLM's own stats (vllm:* metrics, KV cache usage)
+    engine_metrics: bool = True  # vLLM's own stats (vllm:* metrics, KV cache usage)
 
     @property
     def http_host_port(self) -> tuple[str, int]:

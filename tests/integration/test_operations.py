@@ -245,26 +245,13 @@ def test_metrics_and_ready_on_a_single_node(single_node):
     assert value(after, "molink_ready") == 1 and value(after, "molink_engine_state", state="ready") == 1
     assert value(after, "molink_kv_cache_blocks") > 0
     assert value(after, "molink_layers_covered") == 30 and value(after, "molink_largest_gap_layers") == 0
+    # vLLM's own series pass through (engine metrics are on by default), KV usage among them
+    def total(s: dict, name: str) -> float:
+        return sum(v for (n, _), v in s.items() if n == name)
+
+    s = wait_for(lambda: (lambda s: s if total(s, "vllm:generation_tokens_total") >= 24 else None)(scrape(d)), 20,
+                 "vLLM's own counters")
+    assert ("molink_kv_cache_usage_ratio", ()) in s and total(s, "vllm:time_to_first_token_seconds_count") >= 3
     st = d.status()
     assert st["readiness"] == {"ready": True, "reason": "ready"}
     assert st["counters"]["requests"]["/v1/completions"]["ok"] >= 3
-
-
-@pytest.mark.slow
-def test_engine_metrics_pass_vllm_series_through(tmp_path):
-    """--engine-metrics: vLLM records its stats; /metrics carries its vllm:* series and KV usage."""
-    d = Daemon(["--engine-metrics", "--max-num-seqs", "4"], tmp_path, name="em")
-    try:
-        d.wait_ready()
-        r = httpx.post(d.url + "/generate", json={"prompt": "Hello", "max_tokens": 8, "ignore_eos": True},
-                       timeout=300)
-        assert r.status_code == 200, r.text
-        def total(s: dict, name: str) -> float:
-            return sum(v for (n, _), v in s.items() if n == name)
-
-        s = wait_for(lambda: (lambda s: s if total(s, "vllm:generation_tokens_total") >= 8 else None)(scrape(d)),
-                     30, "vLLM's counters to move")
-        assert ("molink_kv_cache_usage_ratio", ()) in s
-        assert total(s, "vllm:time_to_first_token_seconds_count") >= 1
-    finally:
-        d.stop()

@@ -29,11 +29,16 @@ def test_file_values_used_and_flags_override(tmp_path):
     # scalars and lists given as flags replace the file's; aliases of a setting count as that setting
     assert c.max_model_len == 256 and c.bootstrap == (other,) and c.layers == "15:30" and c.http == "0.0.0.0:8001"
     assert c.max_num_seqs == 8  # untouched by flags: from the file
+    assert c.engine_metrics is True
+    assert parse_config(["join", "--config", _write(tmp_path, "engine-metrics = false\n")]).engine_metrics is False
+    assert parse_config(["join", "--config", _write(tmp_path, "engine-metrics = false\n"),
+                         "--engine-metrics"]).engine_metrics is True
 
 
 def test_print_config_round_trips(tmp_path):
     cfg, args = parse_join(["join", "--port", "8080", "--host", "0.0.0.0", "--max_model_len", "512",
-                            "--bootstrap", BOOT, "--log-json", "--api-key", "secret", "--dtype", "half"])
+                            "--bootstrap", BOOT, "--log-json", "--api-key", "secret", "--dtype", "half",
+                            "--no-engine-metrics"])
     assert args.print_config is False
     text = effective_toml(cfg)
     assert "secret" not in text and "api-key" in text
@@ -49,6 +54,8 @@ def test_print_config_round_trips(tmp_path):
     ("max-model-len = 'lots'\n", "is not an integer"),
     ("dtype = 'int3'\n", "dtype: 'int3' is not one of"),
     ("log-json = 'yes'\n", "log-json: expected true or false"),
+    ("engine-metrics = 'no'\n", "engine-metrics: expected true or false"),
+    ("no-engine-metrics = true\n", "unknown key 'no-engine-metrics'"),
     ("max-model-len = 1\nmax_model_len = 2\n", "sets the same thing"),
     ("layers = [1, 2]\n", "expected a single value"),
     ("bootstrap = ['/ip4/1.2.3.4/tcp/1']\n", "peer id"),
