@@ -453,7 +453,8 @@ class DaemonCollector:
 
 def _vllm_metrics() -> Iterable[Metric]:
     """vLLM's own engine metrics (``vllm:*``), which vLLM keeps in prometheus-client's global
-    registry when its engine records stats (``--engine-metrics``); nothing otherwise."""
+    registry when its engine records stats (on unless ``--no-engine-metrics``); nothing otherwise.
+    One engine per daemon process, so the global registry holds only ours."""
     from prometheus_client import REGISTRY
 
     for m in REGISTRY.collect():
