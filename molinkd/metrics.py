@@ -235,8 +235,8 @@ def readiness(*, role: str, engine_state: str, engine_error: str | None, serving
 
 # --------------------------------------------------------------------- state, read at scrape
 
-# struct tcp_info (linux/tcp.h): tcpi_rtt (u32, microseconds) at byte 68, tcpi_bytes_acked and
-# tcpi_bytes_received (u64) at bytes 120 and 128 (Linux >= 4.1)
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received, u64 in host byte order at
+# bytes 120 and 128 (Linux >= 4.1; older kernels return a shorter struct and we report nothing)
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 
 
@@ -249,7 +249,7 @@ def _tcp_bytes(sock: Any) -> tuple[int, int] | None:
         return None
     if len(raw) < 136:
         return None
-    sent, received = struct.unpack_from("<QQ", raw, 120)
+    sent, received = struct.unpack_from("=QQ", raw, 120)
     return sent, received
 
 
