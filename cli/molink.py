@@ -1,4 +1,5 @@
-"""``molink``: the operator's client. ``molink status [--api URL] [--json]`` shows the swarm."""
+"""``molink``: the operator's client. ``molink status [--api URL] [--json | --watch]`` shows the swarm;
+``molink wait [--api URL] [--timeout S]`` blocks until the peer would serve a request."""
 
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def render(st: dict) -> str:
     lines.append(f"layers   {lay[0]}:{lay[1]}   engine: {(st.get('engine') or {}).get('state', '-')}"
                  f"   active requests: {st.get('active_requests', 0)}   throughput: {st.get('throughput', 0)} tok/s"
                  + (f"   resumed: {st['resumed_requests']}" if st.get("resumed_requests") else ""))
+    rd = st.get("readiness")
+    if rd:
+        lines.append("ready    " + ("yes" if rd.get("ready") else f"no: {rd.get('reason')}"))
     for a in st.get("addrs") or []:
         lines.append(f"addr     {a}")
     for b in st.get("bootstrap") or []:
@@ -97,16 +101,63 @@ def render(st: dict) -> str:
     return "\n".join(lines)
 
 
+def wait_ready(api: str, timeout: float, *, interval: float = 0.5, say=None) -> tuple[bool, str]:
+    """Poll ``GET /ready`` until it answers 200 or ``timeout`` seconds pass: (ready, last reason).
+    ``say(reason)`` hears each new reason."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            with urllib.request.urlopen(api.rstrip("/") + "/ready", timeout=min(5.0, max(0.5, timeout))) as r:
+                return True, json.loads(r.read().decode()).get("reason", "ready")
+        except urllib.error.HTTPError as e:
+            try:
+                reason = json.loads(e.read().decode()).get("reason") or f"HTTP {e.code}"
+            except ValueError:
+                reason = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = f"cannot reach {api}: {getattr(e, 'reason', e)}"
+        if reason != last and say is not None:
+            say(reason)
+        last = reason
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False, last
+        time.sleep(min(interval, left))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="molink", description="MoLink-p2p client")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    api_default = os.environ.get("MOLINK_API", f"http://{DEFAULT_HTTP}")
+    api_help = f"the peer's HTTP API (default http://{DEFAULT_HTTP}, or $MOLINK_API)"
     s = sub.add_parser("status", help="show this peer and the swarm it sees")
-    s.add_argument("--api", default=os.environ.get("MOLINK_API", f"http://{DEFAULT_HTTP}"),
-                   help=f"the peer's HTTP API (default http://{DEFAULT_HTTP}, or $MOLINK_API)")
+    s.add_argument("--api", default=api_default, help=api_help)
     s.add_argument("--json", action="store_true", help="print /status as JSON")
+    s.add_argument("--watch", action="store_true", help="a live view, refreshed every second (Ctrl-C quits)")
     s.add_argument("--api-key", default=os.environ.get("MOLINK_API_KEY"))
     s.add_argument("--timeout", type=float, default=5.0)
+    w = sub.add_parser("wait", help="wait until the peer would serve a generate request (GET /ready)")
+    w.add_argument("--api", default=api_default, help=api_help)
+    w.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
+    w.add_argument("--quiet", "-q", action="store_true", help="print nothing while waiting")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "wait":
+        def say(reason: str) -> None:
+            if not args.quiet:
+                sys.stderr.write(f"molink: waiting for {args.api}: {reason}\n")
+
+        ok, reason = wait_ready(args.api, args.timeout, say=say)
+        if ok:
+            if not args.quiet:
+                sys.stderr.write(f"molink: {args.api} is ready\n")
+            return 0
+        sys.stderr.write(f"molink: {args.api} not ready after {args.timeout:g}s: {reason}\n")
+        return 1
+    if args.watch:
+        from cli.watch import watch
+
+        return watch(lambda: _fetch(args.api, "/status", args.api_key, min(args.timeout, 2.0)), args.api)
     try:
         st = _fetch(args.api, "/status", args.api_key, args.timeout)
     except urllib.error.HTTPError as e:

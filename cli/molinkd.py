@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from molinkd.config import DEFAULT_HTTP, DEFAULT_P2P_PORT, DaemonConfig, config_dir
+from molinkd.config import DEFAULT_HTTP, DEFAULT_P2P_PORT, ConfigError, DaemonConfig, config_dir, load_file, to_toml
 
 _LAYERS_RE = re.compile(r"^(all|auto|none|\d+:\d+)$")
 
@@ -72,6 +72,12 @@ def _hostport(v: str) -> str:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{v!r}: expected HOST:PORT, e.g. {DEFAULT_HTTP}")
     return v
+
+
+def _port(v: str) -> int:
+    if not v.isdigit() or not 0 <= int(v) < 65536:
+        raise argparse.ArgumentTypeError(f"{v!r}: expected a TCP port number (0-65535)")
+    return int(v)
 
 
 def _number(v: str, kind: type, minimum: float, strict: bool) -> Any:
@@ -154,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: peers dial back to find out; public: serve as a relay (bootstrap machines); "
                         "private: always reserve relay slots")
     g = j.add_argument_group("HTTP API")
-    g.add_argument("--http", type=_hostport, default=DEFAULT_HTTP, metavar="HOST:PORT",
+    g.add_argument("--http", type=_hostport, default=None, metavar="HOST:PORT",
                    help=f"HTTP API address (default {DEFAULT_HTTP})")
+    g.add_argument("--host", default=None, help="vLLM's spelling: the HTTP API host (default 127.0.0.1)")
+    g.add_argument("--port", type=_port, default=None, help="vLLM's spelling: the HTTP API port (default 8000)")
     g.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     g = j.add_argument_group("engine (vLLM)")
@@ -170,9 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drain-timeout", type=_nonneg_float, default=30.0, metavar="S",
                    help="on SIGTERM: leave the swarm, then wait up to S seconds for in-flight requests "
                         "(and a stage's head) to finish before exiting (default 30)")
+    g.add_argument("--engine-metrics", action=argparse.BooleanOptionalAction, default=True,
+                   help="vLLM records its own stats: vllm:* series and KV cache usage in /metrics (default on; "
+                        "no throughput cost measured)")
     g = j.add_argument_group("logging")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
     g.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    g = j.add_argument_group("configuration file")
+    g.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="TOML file of join flags without the leading dashes (max-model-len = 512); "
+                        "flags given on the command line override it")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration (TOML, usable as --config) and exit")
     # timing knobs for tests and labs (hidden: the defaults suit real swarms)
     j.add_argument("--announce-period", type=_pos_float, default=2.0, help=argparse.SUPPRESS)
     j.add_argument("--ban-seconds", type=_pos_float, default=30.0, help=argparse.SUPPRESS)
@@ -190,11 +207,108 @@ def normalize_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def parse_config(argv: list[str]) -> DaemonConfig:
+# dests that are spellings of one setting: a flag for any of them overrides the file for all
+_ALIASES = ({"layers", "serving_layers"}, {"bootstrap", "initial_peer"}, {"http", "host", "port"})
+_NOT_IN_FILE = {"config", "print_config", "help"}
+
+
+def _join_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["join"]
+
+
+def file_keys(join: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Config-file key (a long flag without its dashes, e.g. ``max-model-len``) -> its action."""
+    out = {}
+    for a in join._actions:
+        if a.dest in _NOT_IN_FILE:
+            continue
+        for opt in a.option_strings:
+            if opt.startswith("--") and not (isinstance(a, argparse.BooleanOptionalAction) and opt.startswith("--no-")):
+                out[opt[2:]] = a
+    return out
+
+
+def _from_file(key: str, value: Any, action: argparse.Action) -> Any:
+    """A config file value, checked and converted by the flag's own parser."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        return [_from_file(key, v, argparse.Action([], key, type=action.type, choices=action.choices)) for v in items]
+    if isinstance(value, (dict, list)) or isinstance(value, bool):
+        raise ConfigError(f"expected a single value, got {value!r}")
+    try:
+        v = action.type(str(value)) if action.type else str(value)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(str(e)) from None
+    if action.choices and v not in action.choices:
+        raise ConfigError(f"{v!r} is not one of {', '.join(map(str, action.choices))}")
+    return v
+
+
+def _merge_file(join: argparse.ArgumentParser, args: argparse.Namespace, explicit: set[str], path: Path) -> None:
+    """Fill ``args`` from the config file, except settings given as flags (``explicit`` dests)."""
+    data = load_file(path)
+    keys = file_keys(join)
+    seen: dict[str, str] = {}
+    for key, value in data.items():
+        action = keys.get(key.replace("_", "-"))
+        if action is None:
+            raise ConfigError(f"{path}: unknown key {key!r} (keys are molinkd join flags without the dashes, "
+                              "e.g. max-model-len; see molinkd join --help)")
+        if action.dest in seen:
+            raise ConfigError(f"{path}: {key!r} sets the same thing as {seen[action.dest]!r}; keep one")
+        seen[action.dest] = key
+        group = next((g for g in _ALIASES if action.dest in g), {action.dest})
+        try:
+            converted = _from_file(key, value, action)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {key}: {e}") from None
+        if group & explicit:
+            continue  # the command line wins
+        setattr(args, action.dest, converted)
+
+
+def _explicit_dests(argv: list[str]) -> set[str]:
+    """Dests the command line sets (parsed again with every default suppressed)."""
+    p = build_parser()
+    for a in _join_parser(p)._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv))) - {"command"}
+
+
+def _resolve_http(args: argparse.Namespace) -> str:
+    host, port = args.host, args.port
+    if args.http is not None:
+        h, _, pt = args.http.rpartition(":")
+        if (host is not None and host != h) or (port is not None and port != int(pt)):
+            raise ConfigError(f"--http {args.http} disagrees with --host/--port "
+                              f"({host or h}:{port if port is not None else pt}); give one of them")
+        return args.http
+    if host is None and port is None:
+        return DEFAULT_HTTP
+    dh, _, dp = DEFAULT_HTTP.rpartition(":")
+    host = host if host is not None else dh
+    return f"[{host}]:{port if port is not None else dp}" if ":" in host else f"{host}:{port if port is not None else dp}"
+
+
+def parse_join(argv: list[str]) -> tuple[DaemonConfig, argparse.Namespace]:
+    """Command line (and ``--config`` file under it) -> (config, parsed flags). Exits 2 on errors."""
     parser = build_parser()
-    args = parser.parse_args(normalize_argv(argv))
+    argv = normalize_argv(argv)
+    args = parser.parse_args(argv)
+    join = _join_parser(parser)
+    try:
+        if args.config is not None:
+            _merge_file(join, args, _explicit_dests(argv), args.config)
+        http = _resolve_http(args)
+    except ConfigError as e:
+        join.error(str(e))
     if args.layers and args.serving_layers and args.layers != args.serving_layers:
-        parser.error(f"--layers {args.layers} and --serving-layers (= {args.serving_layers}) disagree; give one")
+        join.error(f"--layers {args.layers} and --serving-layers (= {args.serving_layers}) disagree; give one")
     kw = dict(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -203,7 +317,7 @@ def parse_config(argv: list[str]) -> DaemonConfig:
         max_layers=args.max_layers,
         bootstrap=tuple(args.bootstrap + args.initial_peer),
         announce=tuple(args.announce),
-        http=args.http,
+        http=http,
         swarm_key=args.swarm_key,
         api_key=args.api_key,
         reachability=args.reachability,
@@ -219,16 +333,46 @@ def parse_config(argv: list[str]) -> DaemonConfig:
         announce_period=args.announce_period,
         ban_seconds=args.ban_seconds,
         drain_timeout=args.drain_timeout,
+        engine_metrics=args.engine_metrics,
     )
     if args.listen:
         kw["listen"] = tuple(args.listen)
     if args.identity:
         kw["identity"] = args.identity.expanduser()
-    return DaemonConfig(**kw)
+    return DaemonConfig(**kw), args
+
+
+def parse_config(argv: list[str]) -> DaemonConfig:
+    return parse_join(argv)[0]
+
+
+def effective_toml(cfg: DaemonConfig) -> str:
+    """The configuration as a ``--config`` file (every setting, defaults included; the API key is
+    not printed)."""
+    items: list[tuple[str, object]] = [
+        ("model", cfg.model), ("served-model-name", cfg.served_model_name), ("layers", cfg.layers),
+        ("max-layers", cfg.max_layers), ("pipeline-parallel-size", cfg.pipeline_parallel_size),
+        ("bootstrap", list(cfg.bootstrap)), ("listen", list(cfg.listen)), ("announce", list(cfg.announce)),
+        ("identity", str(cfg.identity)), ("swarm-key", str(cfg.swarm_key) if cfg.swarm_key else None),
+        ("reachability", cfg.reachability), ("http", cfg.http), ("api-key", None),
+        ("dtype", cfg.dtype), ("max-model-len", cfg.max_model_len), ("max-num-seqs", cfg.max_num_seqs),
+        ("max-num-batched-tokens", cfg.max_num_batched_tokens), ("kv-cache-gib", cfg.kv_cache_gib),
+        ("gpu-memory-utilization", cfg.gpu_memory_utilization), ("seed", cfg.seed),
+        ("engine-metrics", cfg.engine_metrics), ("log-level", cfg.log_level), ("log-json", cfg.log_json),
+    ]
+    notes = {"api-key": "set, not shown" if cfg.api_key else "not set",
+             "model": "the embedded SmolLM2-135M-Instruct", "max-layers": "as many as fit",
+             "pipeline-parallel-size": "not checked", "max-num-batched-tokens": "vLLM's default",
+             "gpu-memory-utilization": "vLLM's default", "served-model-name": "from the model",
+             "swarm-key": "open swarm"}
+    return "# molinkd join: effective configuration\n" + to_toml(items, notes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    cfg, args = parse_join(sys.argv[1:] if argv is None else argv)
+    if args.print_config:
+        sys.stdout.write(effective_toml(cfg))
+        return 0
     from molinkd.service import run
 
     return run(cfg)

@@ -1,4 +1,5 @@
-"""HTTP API (Quart on trio): vLLM's ``/generate``, OpenAI's ``/v1/*``, ``/health``, ``/status``.
+"""HTTP API (Quart on trio): vLLM's ``/generate``, OpenAI's ``/v1/*``, ``/health``, ``/ready``,
+``/status``, ``/metrics`` (Prometheus).
 
 The app talks to a *backend* with one method, ``stream(GenerationRequest) -> async iterator of
 events`` (see :mod:`molinkd.engine.driver`), and a ``model_name``. The backend may run the engine
@@ -17,10 +18,12 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
-from quart import Response, request
+from prometheus_client import CONTENT_TYPE_LATEST
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from molinkd.metrics import GEN_ENDPOINTS, Metrics
 from molinkd.protocol import (
     APIError,
     GenerationRequest,
@@ -56,10 +59,13 @@ def create_app(
     status_fn: Callable[[], Awaitable[dict]],
     *,
     api_key: str | None = None,
-    on_resume: Callable[[], None] | None = None,
+    metrics: Metrics | None = None,
+    ready_fn: Callable[[], tuple[bool, str]] | None = None,
 ) -> QuartTrio:
     """Build the Quart app. ``backend_fn()`` returns the current backend (or None if none yet);
-    ``on_resume()`` is called whenever a request is resumed on a new backend."""
+    ``metrics`` counts requests (and resumes) and renders ``/metrics``; ``ready_fn()`` answers
+    ``/ready`` as ``(ready, reason)``."""
+    metrics = metrics if metrics is not None else Metrics()
     app = QuartTrio("molinkd")
     # Size is checked in _body(), which drains an oversized body before answering 413: clients that
     # upload before reading (most do) would otherwise block on a full socket and never see the 413.
@@ -75,13 +81,18 @@ def create_app(
 
     @app.errorhandler(APIError)
     async def _api_error(e: APIError):
+        if request.path in GEN_ENDPOINTS and not getattr(g, "tracked", False):
+            metrics.request_done(request.path, e.status, error=e.message)  # failed before it ran
         return _error(e)
 
     @app.before_request
     async def _auth():
-        if api_key and request.path not in ("/health",):
+        g.t0 = time.monotonic()
+        if api_key and request.path not in ("/health", "/ready"):
             got = request.headers.get("Authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+                if request.path in GEN_ENDPOINTS:
+                    metrics.request_done(request.path, 401)
                 return _error(APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'"))
         return None
 
@@ -116,6 +127,16 @@ def create_app(
     @app.get("/health")
     async def health():
         return _json({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready():
+        ok, reason = ready_fn() if ready_fn is not None else (backend_fn() is not None, "no backend")
+        return _json({"ready": ok, "reason": reason}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        body = metrics.render()  # on the loop: the collector reads the daemon's live state
+        return Response(body, status=200, mimetype="text/plain", content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/status")
     async def status():
@@ -155,7 +176,14 @@ def create_app(
 
     async def _run(req: GenerationRequest, streamer, finisher) -> Response:
         req.request_id = req.request_id or uuid.uuid4().hex
-        events = resilient_stream(req, backend_fn, on_resume=on_resume)
+        endpoint = request.path
+        g.tracked = True  # from here on, metrics.track counts the outcome
+
+        def resumed(error: str, generated: int, attempt: int) -> None:
+            metrics.request_resumed(endpoint, req.request_id, error, generated, attempt)
+
+        events = metrics.track(endpoint, req.request_id, resilient_stream(req, backend_fn, on_resume=resumed),
+                               g.t0, bool(req.stream))
         # Pull the first event before answering, so validation errors get a proper status code.
         try:
             first = await events.__anext__()

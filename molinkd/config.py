@@ -44,8 +44,58 @@ class DaemonConfig:
     drain_timeout: float = 30.0  # SIGTERM: seconds to finish in-flight work after saying goodbye
     log_level: str = "warning"
     log_json: bool = False
+    engine_metrics: bool = True  # vLLM's own stats (vllm:* metrics, KV cache usage)
 
     @property
     def http_host_port(self) -> tuple[str, int]:
         host, _, port = self.http.rpartition(":")
         return host or "127.0.0.1", int(port)
+
+
+# ------------------------------------------------------------------------ the config file
+
+
+class ConfigError(ValueError):
+    """The config file cannot be used; the message names the file and the key."""
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a TOML config file (with the standard library's ``tomllib``): a flat table whose keys
+    are ``molinkd join`` flags without the dashes (``max-model-len = 512``)."""
+    import tomllib
+
+    p = Path(path).expanduser()
+    try:
+        with open(p, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return data
+
+
+def _toml_value(v: object) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a TOML basic string: JSON's escapes are TOML's
+
+
+def to_toml(items: list[tuple[str, object]], comments: dict[str, str] | None = None) -> str:
+    """``key = value`` lines (None values become a commented-out line), readable by :func:`load_file`."""
+    lines = []
+    for k, v in items:
+        note = (comments or {}).get(k)
+        if v is None:
+            lines.append(f"# {k} = ...  ({note or 'not set'})")
+        else:
+            lines.append(f"{k} = {_toml_value(v)}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines) + "\n"

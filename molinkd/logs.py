@@ -48,8 +48,29 @@ def setup(level: str = "warning", as_json: bool = False) -> None:
     root.setLevel(lvl)
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(lvl, logging.WARNING) if name != "libp2p" else max(lvl, logging.ERROR))
+    # swarm events (peers joining/leaving, routes, bans, failed or resumed requests: one line each,
+    # see molinkd.metrics) are shown at the default level; --log-level error hides them
+    logging.getLogger("molinkd.events").setLevel(min(lvl, logging.INFO) if lvl <= logging.WARNING else lvl)
+    # p2p.discovery's own join/leave lines would repeat those events at --log-level info
+    logging.getLogger("p2p.discovery").setLevel(lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
+    global _as_json
+    _as_json = as_json
     # vLLM's import-time warnings (Triton on CPU, ...) say nothing an operator can act on
     logging.getLogger("vllm").setLevel(max(lvl, logging.ERROR) if lvl > logging.DEBUG else lvl)
+
+
+_as_json = False
+
+
+def say(msg: str) -> None:
+    """An operator-facing progress line, always shown: ``[molinkd] msg``, or with ``--log-json`` a
+    JSON object like every other log line."""
+    if _as_json:
+        line = json.dumps({"ts": round(time.time(), 3), "level": "info", "logger": "molinkd", "msg": msg})
+    else:
+        line = f"[molinkd] {msg}"
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def kv(**fields: object) -> dict:

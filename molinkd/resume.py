@@ -93,13 +93,14 @@ async def resilient_stream(
     *,
     timeout: float = RESUME_TIMEOUT,
     max_resumes: int = MAX_RESUMES,
-    on_resume: Callable[[], None] | None = None,
+    on_resume: Callable[[str, int, int], None] | None = None,
 ) -> AsyncIterator[dict]:
     """Events of ``req`` (see :mod:`molinkd.engine.driver`), resumed across backend failures.
 
     The first backend is ``backend_fn()`` (an APIError 503 if there is none: a request that has
     not started does not wait). After a retryable failure the request waits up to ``timeout``
-    seconds for a backend and continues there, at most ``max_resumes`` times.
+    seconds for a backend and continues there, at most ``max_resumes`` times;
+    ``on_resume(error, tokens_generated, attempt)`` hears of each resume.
     """
     backend = backend_fn()
     if backend is None:
@@ -155,10 +156,11 @@ async def resilient_stream(
                 if resumes > max_resumes:
                     raise APIError(e.status, f"{e.message} (gave up after {max_resumes} resumes)") from e
                 deadline = now + timeout
-                log.warning("request lost its backend; resuming",
-                            extra=logs.kv(error=e.message, generated=so_far, attempt=resumes))
-                if on_resume is not None:
-                    on_resume()
+                if on_resume is not None:  # the caller logs it (with the request's context)
+                    on_resume(e.message, so_far, resumes)
+                else:
+                    log.warning("request lost its backend; resuming",
+                                extra=logs.kv(error=e.message, generated=so_far, attempt=resumes))
             elif now >= deadline:
                 raise APIError(503, f"{e.message}; no backend could resume the request within {timeout:.0f}s") from e
             else:

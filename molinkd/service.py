@@ -30,7 +30,7 @@ from typing import Any
 
 import trio
 
-from molinkd import __version__, logs, runtime
+from molinkd import __version__, logs, metrics, runtime
 from molinkd.api import create_app, serve_http
 from molinkd.config import DaemonConfig
 from molinkd.engine.driver import EngineOptions, LocalBackend, LocalEngine
@@ -70,8 +70,7 @@ class StartupError(RuntimeError):
 
 def _say(msg: str) -> None:
     """Operator-facing progress lines (always shown, independent of the log level)."""
-    sys.stderr.write(f"[molinkd] {msg}\n")
-    sys.stderr.flush()
+    logs.say(msg)
 
 
 def resolve_layers(layers: str, num_layers: int) -> tuple[int, int] | str:
@@ -91,6 +90,8 @@ def resolve_layers(layers: str, num_layers: int) -> tuple[int, int] | str:
 
 
 def engine_options(cfg: DaemonConfig, model: ModelInfo, **extra: Any) -> EngineOptions:
+    if cfg.engine_metrics:  # vLLM records its stats (vllm:* in /metrics); costs some CPU per step
+        extra["extra_kwargs"] = (*extra.get("extra_kwargs", ()), ("disable_log_stats", False))
     return EngineOptions(
         model=model.path,
         served_name=model.name,
@@ -113,7 +114,7 @@ class Daemon:
         self.cfg = cfg
         self.model = model
         self.runtime_dir = runtime_dir
-        self.resumed_requests = 0  # requests that lost their engine or head and continued elsewhere
+        self.metrics = metrics.Metrics()  # event counters; the state is read from here at scrape time
         layers = resolve_layers(cfg.layers, model.num_layers)
         self.span: tuple[int, int] = (0, 0) if layers == "auto" else layers  # type: ignore[assignment]
         self.auto = layers == "auto"
@@ -126,6 +127,7 @@ class Daemon:
         self.engine_state = "starting"
         self.engine_error: str | None = None
         self.route: list[dict] | None = None
+        self.last_route: list[dict] | None = None  # the previous route, to log changes once
         self.route_error: str | None = None
         self.stage_addr: str | None = None
         self.serving_head: str | None = None
@@ -261,12 +263,33 @@ class Daemon:
 
     # -- status -----------------------------------------------------------------------------
 
-    def count_resume(self) -> None:
-        self.resumed_requests += 1
+    @property
+    def resumed_requests(self) -> int:
+        """Requests that lost their engine or head and continued elsewhere."""
+        return int(self.metrics.counter_value(self.metrics.resumed))
 
-    async def status(self) -> dict:
+    def self_record(self) -> Any:
+        return _self_record(self)
+
+    def coverage(self) -> Any:
+        """Coverage of the model's layers by the online peers we know, ourselves included."""
         from p2p.records import coverage
 
+        me = self.node.peer_id if self.node else None
+        recs = [r for r in (self.disc.snapshot() if self.disc else []) if r.peer_id != me]
+        return coverage(recs + ([] if self.span[1] == 0 or self.node is None else [_self_record(self)]),
+                        self.model.num_layers, self.model.model_hash)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether a generate request sent now would be served, and if not why (``GET /ready``)."""
+        b = self.current_backend()
+        me = self.node.peer_id if self.node else None
+        peers = [r for r in (self.disc.snapshot() if self.disc else []) if r.online and r.peer_id != me]
+        return metrics.readiness(role=self.role, engine_state=self.engine_state, engine_error=self.engine_error,
+                                 serving=b is not None and getattr(b, "ready", True), route_error=self.route_error,
+                                 gaps=self.coverage().gaps if self.disc else None, peers_known=len(peers))
+
+    async def status(self) -> dict:
         b = self.backend
         peers = []
         me_id = self.node.peer_id if self.node else None
@@ -285,8 +308,8 @@ class Daemon:
             me = dict(mine, peer_id=self.node.peer_id, addrs=self.node.addrs(), layers=list(self.span),
                       rtt_ms=None, last_seen=now, state="online")
             peers.insert(0, me)
-        cov = coverage(snapshot + ([] if self.span[1] == 0 else [_self_record(self)]),
-                       self.model.num_layers, self.model.model_hash) if self.disc else None
+        cov = self.coverage() if self.disc else None
+        ready, reason = self.readiness()
         return {
             "peer_id": self.node.peer_id if self.node else None,
             "addrs": self.node.addrs() if self.node else [],
@@ -305,6 +328,8 @@ class Daemon:
             "active_requests": (b.active if b else 0) + (self.remote.active if self.remote else 0),
             "total_requests": (b.total_requests if b else 0) + (self.remote.total_requests if self.remote else 0),
             "resumed_requests": self.resumed_requests,
+            "readiness": {"ready": ready, "reason": reason},
+            "counters": self.metrics.summary(),
             "throughput": round(b.throughput.rate(), 2) if b else 0.0,
             "http": self.http_url,
             "route": [h["peer"] for h in self.route] if self.route else None,
@@ -480,8 +505,9 @@ async def _run_head(d: Daemon) -> None:
             log.warning("--pipeline-parallel-size %d differs from the route found (%d stages); using the route",
                         pps, len(hops))
             _say(f"warning: --pipeline-parallel-size {pps} but the route has {len(hops)} stages; using the route")
-        d.route = hops
-        _say("route: " + " -> ".join(f"{h['peer'][:12]}[{h['start']}:{h['end']})" for h in hops))
+        if hops != d.last_route:
+            d.metrics.route_chosen(hops, d.last_route)
+        d.route = d.last_route = hops
         kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path)
         extra_env = (("MOLINK_P2P_DIAL", d.dial_path),)
         started = time.monotonic()
@@ -521,8 +547,7 @@ def _ban(d: Daemon, peer: str, why: str) -> None:
     # repeat offences double the ban; a peer that behaved for 10 minutes starts over
     length = min(prev[2] * 2, 600.0) if prev and now - prev[0] < 600 else d.cfg.ban_seconds
     d.banned[peer] = (time.monotonic() + length, why, length)
-    log.warning("banning peer from routes", extra=logs.kv(peer=peer, seconds=length, reason=why))
-    _say(f"excluding peer {peer[:16]} from routes for {length:.0f}s: {why}")
+    d.metrics.banned(peer, length, why)
 
 
 class _Busy(Exception):
@@ -710,11 +735,13 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
     from p2p.host import NodeConfig, open_node
 
     d = Daemon(cfg, model, runtime_dir)
-    app = create_app(d.current_backend, d.status, api_key=cfg.api_key, on_resume=d.count_resume)
+    app = create_app(d.current_backend, d.status, api_key=cfg.api_key, metrics=metrics.attach(d),
+                     ready_fn=d.readiness)
     node_cfg = NodeConfig(listen=tuple(cfg.listen), announce=tuple(cfg.announce), bootstrap=tuple(cfg.bootstrap),
                           identity_path=cfg.identity, swarm_key_path=cfg.swarm_key)
     async with open_node(node_cfg) as node, trio.open_nursery() as nursery:
         d.node = node
+        d.metrics.peer_id = node.peer_id
         _say(f"peer {node.peer_id}; join this swarm with:")
         for a in node.addrs():
             _say(f"    --bootstrap {a}")
@@ -736,6 +763,7 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
         await nursery.start(lambda task_status: serve_dial_socket(
             node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial, task_status=task_status))
         nursery.start_soon(_rtt_loop, d)
+        nursery.start_soon(metrics.watch_peers, d, d.metrics)
         if d.auto:
             await _choose_auto_span(d)
         role = d.role

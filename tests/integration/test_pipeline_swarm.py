@@ -176,6 +176,32 @@ def test_partial_model_peers_hold_kv_for_their_layers_in_their_dtype(swarm, sing
     assert ratio == pytest.approx(1.5, rel=0.05), ratio
 
 
+def test_metrics_and_event_lines_on_the_swarm(swarm):
+    """The head's /metrics shows its route (per-stage step time) and coverage after requests; the
+    last stage logged one line for the head joining, the head one for the route it chose."""
+    from tests.integration.test_operations import scrape, value
+
+    a, c = swarm.a, swarm.c
+    _greedy(a, F32_PROMPTS[1], max_tokens=8)
+    _greedy(c, F32_PROMPTS[2], max_tokens=8)  # forwarded to the head
+    hs, cs = a.status(), c.status()
+    h, s = scrape(a), scrape(c)
+    assert value(h, "molink_route_stages") == 3 and value(h, "molink_layers_covered") == 30
+    assert value(h, "molink_largest_gap_layers") == 0 and value(h, "molink_ready") == 1
+    spans = ["0:10", "10:20", "20:30"]
+    for i, (peer, layers) in enumerate(zip(hs["route"], spans)):
+        assert value(h, "molink_stage_step_seconds", stage=str(i), peer=peer, layers=layers) > 0
+    assert value(h, "molink_pipeline_steps_total") > 0 and value(h, "molink_route_changes_total") >= 1
+    assert value(h, "molink_peer_sent_bytes_total", peer=hs["route"][1]) > 0  # hidden states, gossip
+    assert value(h, "molink_requests_total", endpoint="/generate", outcome="ok") >= 1
+    assert value(s, "molink_requests_total", endpoint="/generate", outcome="ok") >= 1
+    assert value(s, "molink_ready") == 1 and value(s, "molink_route_stages") == 0
+    routes = [x for x in a.log_path.read_text().splitlines() if "molinkd.events: route " in x]
+    assert routes and "route chosen" in routes[0], routes
+    joined = [x for x in c.log_path.read_text().splitlines() if "molinkd.events: peer joined" in x]
+    assert [x for x in joined if f"peer={hs['peer_id']}" in x and f"me={cs['peer_id']}" in x], joined
+
+
 @pytest.mark.timeout(1200)
 def test_two_heads_share_the_swarm(swarm, f32_reference):
     """A second head and a second [20,30) stage join: the second head routes through the spare and

@@ -16,7 +16,8 @@ def _daemon(*online: str, throughput: float = 50.0, measured: dict | None = None
     recs = [types.SimpleNamespace(peer_id=p, online=True, throughput=throughput) for p in online]
     return types.SimpleNamespace(disc=types.SimpleNamespace(snapshot=lambda: recs), banned={},
                                  measured=lambda p: (measured or {}).get(p),
-                                 cfg=types.SimpleNamespace(ban_seconds=30.0))
+                                 cfg=types.SimpleNamespace(ban_seconds=30.0),
+                                 metrics=types.SimpleNamespace(banned=lambda *a: None))
 
 
 def test_a_complete_route_passes() -> None:
