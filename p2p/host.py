@@ -17,17 +17,43 @@ sit in a 60 s negative dial cache (we own the reconnect loop and evict the cache
 attempt); a wrong swarm key stalls the handshake (bounded by ``handshake_timeout``); gossipsub's
 per-forwarder rate limit of 10 msg/s would drop announcements in swarms over ~20 peers (raised);
 importing libp2p makes its loggers print bare warnings (:func:`configure_libp2p_logging`).
+
+Perimeter (a peer id costs nothing, so every limit is per peer; see :class:`NodeConfig`):
+
+- ``allow_peers``: only listed peer ids may connect (a connection notifee closes the others, since
+  py-libp2p gates by IP only), open streams (refused before protocol negotiation) or have pubsub
+  messages delivered (checked on the signer in :meth:`Node.subscribe`). :meth:`Node.peer_allowed`.
+- Streams: at most ``max_streams_per_peer`` inbound streams per peer are accepted by the muxer
+  (counted before protocol negotiation: a flood of half-open streams is refused at once instead of
+  queueing behind py-libp2p's global stream semaphore, which we disable), and at most
+  ``max_streams_per_protocol`` concurrent handler runs per peer per protocol; excess streams are
+  reset at once with a rate-limited log line.
+- Bytes in flight: py-libp2p's yamux does not enforce its own receive window (a peer that ignores it
+  is buffered without bound). :class:`_BoundedYamux` closes the connection of a peer whose unread
+  bytes exceed ``max_buffered_bytes_per_peer``.
+- Pubsub: gossipsub's per-forwarder rate limit is back near its default
+  (``gossip_max_msgs_per_second``); a forwarder over ``gossip_max_msgs_per_forwarder`` is dropped
+  before any signature check, and each signer is held to ``gossip_source_rate`` messages/s
+  (burst ``gossip_source_burst``) before the topic validator runs.
+- Key files (identity, swarm key, allow list) are opened with ``O_NOFOLLOW``; an identity readable
+  or writable by group/other is refused; the identity is locked (:class:`IdentityLock`) so two
+  daemons cannot run as one peer id.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import logging
 import os
 import random
 import re
 import socket
+import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,10 +103,13 @@ from libp2p.crypto.serialization import deserialize_private_key  # noqa: E402
 from libp2p.crypto.x25519 import create_new_key_pair as _new_x25519  # noqa: E402
 from libp2p.host.ping import PingService  # noqa: E402
 from libp2p.network.config import ConnectionConfig  # noqa: E402
+from libp2p.abc import INotifee  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr  # noqa: E402
 from libp2p.pubsub.gossipsub import GossipSub  # noqa: E402
 from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
+from libp2p.rcmgr import Direction  # noqa: E402
+from libp2p.rcmgr.manager import ResourceManager  # noqa: E402
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID  # noqa: E402
 from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa: E402
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID  # noqa: E402
@@ -103,6 +132,14 @@ class IdentityError(RuntimeError):
 
 class SwarmKeyError(ValueError):
     """The swarm key file is not a valid 32-byte pre-shared key."""
+
+
+class AllowListError(ValueError):
+    """The ``--allow-peers`` file cannot be read or holds something that is not a peer id."""
+
+
+class IdentityInUse(RuntimeError):
+    """Another running daemon holds this identity file (two daemons would be one peer id)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,22 +168,77 @@ class NodeConfig:
     bootstrap_check_interval: float = 1.0
     gossip_degree: int = 6
     gossip_heartbeat: int = 1
-    gossip_max_msgs_per_second: float = 1000.0
+    # gossipsub's own limit (py-libp2p default 10): messages per second per forwarder per topic that
+    # we relay further (delivery to our subscribers is not limited by it)
+    gossip_max_msgs_per_second: float = 20.0
+    # dropped before any signature check: a forwarder sending more new messages per second than this
+    gossip_max_msgs_per_forwarder: float = 200.0
+    # per signer (token bucket), before the topic validator: a daemon announces every 2 s, bursts
+    # of announce_now are coalesced to one per 0.5 s
+    gossip_source_rate: float = 5.0
+    gossip_source_burst: float = 20.0
+    # None: any peer; else only these peer ids may connect, open streams, publish
+    allow_peers: frozenset[str] | None = None
+    max_streams_per_peer: int = 256  # inbound streams open at once, all protocols
+    max_streams_per_protocol: int = 64  # concurrent handler runs per peer per protocol
+    max_buffered_bytes_per_peer: int = 128 << 20  # unread bytes buffered by the muxer per peer
+    lock_identity: bool = True  # hold an flock on identity_path for the node's lifetime
 
 
 # ----------------------------------------------------------------------------------- identity
 
 
+def read_key_file(path: Path, what: str, max_bytes: int = 1 << 20) -> bytes:
+    """Read a key file without following a symlink at its last component (``O_NOFOLLOW``).
+
+    Raises OSError (with the fix in the message for a symlink)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, f"{what} {path} is a symlink; key files are not read through symlinks: "
+                                   "point the flag at the real file") from None
+        raise
+    try:
+        data = b""
+        while len(data) <= max_bytes:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return data
+            data += chunk
+        raise OSError(errno.EFBIG, f"{what} {path} is larger than {max_bytes} bytes: not a key file")
+    finally:
+        os.close(fd)
+
+
+def check_private_file(path: Path, what: str) -> None:
+    """Refuse a secret file that group/other can read or write, or that another user owns."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise IdentityError(f"{what} {path} is a symlink; point the flag at the real file")
+    if st.st_uid != os.getuid():
+        raise IdentityError(f"{what} {path} belongs to uid {st.st_uid}, not to this user ({os.getuid()}); "
+                            f"use a file of your own (chown, or another --identity)")
+    if st.st_mode & 0o066:
+        raise IdentityError(f"{what} {path} can be read or written by other users (mode "
+                            f"{stat.S_IMODE(st.st_mode):o}); fix it with: chmod 600 {path}")
+
+
 def load_or_create_identity(path: Path | None) -> KeyPair:
     """Load the Ed25519 key at ``path``, or create it (parents made, mode 0600, atomic write).
 
-    Raises IdentityError if the file exists but is not a valid key (it is never overwritten).
+    Raises IdentityError if the file exists but is not a valid key (it is never overwritten), is a
+    symlink, or can be read by group/other (the message says ``chmod 600 FILE``).
     """
     if path is None:
         return _new_ed25519()
     path = Path(path)
-    if path.exists():
-        data = path.read_bytes()
+    if path.exists() or path.is_symlink():
+        check_private_file(path, "identity file")
+        try:
+            data = read_key_file(path, "identity file")
+        except OSError as e:
+            raise IdentityError(f"cannot read identity file {path}: {e.strerror or e}") from None
         try:
             priv = deserialize_private_key(data)
         except Exception as e:
@@ -155,7 +247,7 @@ def load_or_create_identity(path: Path | None) -> KeyPair:
     kp = _new_ed25519()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, kp.private_key.serialize())
         os.fsync(fd)
@@ -166,13 +258,53 @@ def load_or_create_identity(path: Path | None) -> KeyPair:
     return kp
 
 
+class IdentityLock:
+    """An exclusive ``flock`` on ``<identity>.lock`` held while a node runs, with the holder's pid
+    written in it: a second daemon started with the same identity is refused with
+    :class:`IdentityInUse` naming that pid (two processes with one peer id never see each other)."""
+
+    def __init__(self, identity: Path) -> None:
+        self.path = Path(identity).with_name(Path(identity).name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> IdentityLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            ident = self.path.with_name(self.path.name[: -len(".lock")])
+            raise IdentityInUse(
+                f"identity {ident} is in use by another molinkd (pid {holder}); two daemons with one "
+                f"identity are one peer id and never see each other. Give this one its own: "
+                f"--identity {ident.with_name('identity-2.key')}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
 def peer_id_of(key_pair: KeyPair) -> str:
     return ID.from_pubkey(key_pair.public_key).to_base58()
 
 
 def read_swarm_key(path: Path) -> str:
     """Return the 64-hex-char pre-shared key from an IPFS-style ``swarm.key`` or a bare hex file."""
-    text = Path(path).read_text().strip()
+    try:
+        text = read_key_file(Path(path), "swarm key", max_bytes=4096).decode("utf-8", "replace").strip()
+    except OSError as e:
+        raise SwarmKeyError(f"cannot read the swarm key {path}: {e.strerror or e}") from None
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines and lines[0].startswith("/key/swarm/psk/"):
         if len(lines) != 3 or lines[1] != "/base16/":
@@ -185,6 +317,30 @@ def read_swarm_key(path: Path) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", key):
         raise SwarmKeyError(f"{path}: the key must be 64 hex characters (32 bytes)")
     return key.lower()
+
+
+def read_allow_peers(path: Path) -> frozenset[str]:
+    """Peer ids from an allow-list file: one per line, ``#`` starts a comment, blank lines ignored.
+
+    Raises AllowListError naming the line of anything that is not a peer id (a typo would otherwise
+    lock a peer out silently) or if the file lists nobody."""
+    try:
+        text = read_key_file(Path(path), "allow-peers file").decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AllowListError(f"cannot read the allow-peers file {path}: {getattr(e, 'strerror', None) or e}") from None
+    out: set[str] = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        word = line.split("#", 1)[0].strip()
+        if not word:
+            continue
+        try:
+            out.add(ID.from_base58(word).to_base58())
+        except Exception:
+            raise AllowListError(f"{path}:{n}: {word[:80]!r} is not a peer id (one peer id per line, "
+                                 "as the peer prints it at start)") from None
+    if not out:
+        raise AllowListError(f"{path}: lists no peer id; with --allow-peers, no peer could connect")
+    return frozenset(out)
 
 
 def write_swarm_key(path: Path) -> None:
@@ -249,6 +405,210 @@ def split_p2p_addr(addr: str) -> tuple[str, str]:
 def _strip_p2p(addr: str) -> str:
     i = addr.find("/p2p/")
     return addr[:i] if i >= 0 else addr
+
+
+# ----------------------------------------------------------------------------------- limits
+
+
+class RateLimitedLog:
+    """At most one WARNING per ``interval`` seconds per key (the rest go to DEBUG): a flood must not
+    turn into a flood of log lines."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self.suppressed = 0
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self.interval:
+            if len(self._last) > 1000:
+                self._last.clear()
+            self._last[key] = now
+            self.logger.warning(msg, *args)
+        else:
+            self.suppressed += 1
+            self.logger.debug(msg, *args)
+
+
+class TokenBucket:
+    """Per-key token buckets (``rate`` per second, ``burst`` deep); memory bounded by ``max_keys``."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 4096) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._state.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._state[key] = (tokens, now)
+            return False
+        if len(self._state) >= self.max_keys and key not in self._state:
+            # forget the fullest buckets (idle keys): they would be full again anyway
+            for k in [k for k, (t, _) in self._state.items() if t >= self.burst - 1][: self.max_keys // 2]:
+                del self._state[k]
+        self._state[key] = (tokens - 1.0, now)
+        return True
+
+
+_limit_log = RateLimitedLog(log)
+
+
+class _PeerResources(ResourceManager):
+    """py-libp2p's resource manager with per-peer inbound stream caps and the allow list.
+
+    ``acquire_stream`` runs when the muxer hands over a new inbound stream, before any protocol
+    negotiation: a refused stream is reset at once. (The library's own limit is global: one peer
+    could take all 10000 slots, and its semaphore makes everyone else's streams queue.)"""
+
+    def __init__(self, cfg: NodeConfig, allowed: Callable[[str], bool]) -> None:
+        super().__init__(enable_metrics=False, enable_prometheus=False)
+        self._per_peer = cfg.max_streams_per_peer
+        self._allowed = allowed
+        self.inbound: collections.Counter[str] = collections.Counter()
+        self.refused: collections.Counter[str] = collections.Counter()  # by reason
+
+    def acquire_stream(self, peer_id: Any, direction: Any) -> bool:
+        if direction == Direction.INBOUND:
+            peer = str(peer_id)
+            if not self._allowed(peer):
+                self.refused["not_allowed"] += 1
+                _limit_log.warning(f"deny:{peer}", "refused a stream from %s: not in --allow-peers", peer)
+                return False
+            if self.inbound[peer] >= self._per_peer:
+                self.refused["streams_per_peer"] += 1
+                _limit_log.warning(f"streams:{peer}", "peer %s has %d streams open (the limit): resetting its new "
+                                   "ones", peer, self.inbound[peer])
+                return False
+            if not super().acquire_stream(peer_id, direction):
+                self.refused["streams_total"] += 1
+                return False
+            self.inbound[peer] += 1
+            return True
+        return super().acquire_stream(peer_id, direction)
+
+    def release_stream(self, peer_id: Any, direction: Any) -> None:
+        super().release_stream(peer_id, direction)
+        if direction == Direction.INBOUND:
+            peer = str(peer_id)
+            if self.inbound[peer] <= 1:
+                self.inbound.pop(peer, None)
+            else:
+                self.inbound[peer] -= 1
+
+
+class _MeteredBuffer(bytearray):
+    """A yamux stream's receive buffer that tells its connection when it grows."""
+
+    __slots__ = ("_owner",)
+
+    def extend(self, data: Any) -> None:  # type: ignore[override]
+        super().extend(data)
+        if len(self) > _BoundedYamux.CHECK_ABOVE:
+            self._owner.check_buffered()
+
+
+class _Buffers(dict):
+    """``Yamux.stream_buffers`` whose values are :class:`_MeteredBuffer` (assigned by the library)."""
+
+    def __init__(self, owner: _BoundedYamux) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        buf = _MeteredBuffer(value)
+        buf._owner = self._owner
+        super().__setitem__(key, buf)
+
+
+class _BoundedYamux(Yamux):
+    """Yamux that closes the connection of a peer whose unread bytes exceed a cap.
+
+    py-libp2p 0.8.1's yamux only logs "peer exceeded receive window" and keeps buffering, so a peer
+    ignoring flow control could fill our memory. An honest peer stays within its windows (256 KiB
+    growing to 16 MiB per stream). Cost: one length check per DATA frame; the sum over the
+    connection's buffers only when one buffer holds more than CHECK_ABOVE bytes."""
+
+    CHECK_ABOVE = 1 << 20
+    max_buffered = 128 << 20  # set per host by open_node (a subclass per config)
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.stream_buffers = _Buffers(self)
+        self.over_limit = False
+
+    def check_buffered(self) -> None:
+        total = sum(len(b) for b in list(self.stream_buffers.values()))
+        if total > self.max_buffered and not self.over_limit:
+            self.over_limit = True
+            _limit_log.warning(f"bytes:{self.peer_id}", "peer %s has %d unread bytes buffered (limit %d; it ignores "
+                               "flow control): closing its connection", self.peer_id, total, self.max_buffered)
+            self.event_shutting_down.set()  # handle_incoming stops at its next frame
+            raise ConnectionResetError("peer exceeded the buffered-bytes limit")
+
+    async def handle_incoming(self) -> None:
+        await super().handle_incoming()
+        if self.over_limit:
+            await self._cleanup_on_error()
+
+
+class _GatedPubsub(Pubsub):
+    """Pubsub that drops a forwarder's new messages over a per-second ceiling before the signature
+    check and the validators (the expensive part of a flood)."""
+
+    def __init__(self, *a: Any, forwarder_rate: float, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._fwd_bucket = TokenBucket(forwarder_rate, forwarder_rate)
+        self.dropped_forwarder_rate = 0
+
+    async def push_msg(self, msg_forwarder: ID, msg: Any) -> None:
+        if msg_forwarder != self.my_id and not self._is_msg_seen(msg):
+            if not self._fwd_bucket.allow(str(msg_forwarder)):
+                self.dropped_forwarder_rate += 1
+                _limit_log.warning(f"pubsub:{msg_forwarder}", "peer %s forwards pubsub messages faster than %.0f/s: "
+                                   "dropping them", msg_forwarder, self._fwd_bucket.rate)
+                return
+        await super().push_msg(msg_forwarder, msg)
+
+
+class _AllowNotifee(INotifee):
+    """Closes connections of peers that are not allowed (py-libp2p gates by IP only)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        try:
+            peer = conn.muxed_conn.peer_id.to_base58()
+        except Exception:
+            return
+        if not self.node.peer_allowed(peer):
+            self.node.refused_connections += 1
+            _limit_log.warning(f"conn:{peer}", "closing the connection of %s: not in --allow-peers", peer)
+            self.node._nursery.start_soon(_close_quietly, conn)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
+async def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception), trio.move_on_after(5):
+        await conn.close()
 
 
 # ----------------------------------------------------------------------------------- node
@@ -318,6 +678,30 @@ class Node:
         # every address incl. circuits (host.connect drops circuits, dials one TCP addr).
         self.addrs_hook: Callable[[list[str]], list[str]] | None = None
         self.dial_hook: Callable[[str, Sequence[str], float], Awaitable[Any]] | None = None
+        self.resources: _PeerResources | None = None  # set by open_node
+        self.refused_connections = 0
+        self._handler_runs: collections.Counter[tuple[str, str]] = collections.Counter()  # (peer, protocol)
+        self.refused_streams: collections.Counter[str] = collections.Counter()  # protocol -> count
+        self._source_bucket = TokenBucket(cfg.gossip_source_rate, cfg.gossip_source_burst)
+        self.dropped_source_rate = 0
+
+    def peer_allowed(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` may connect, open streams and publish (``--allow-peers``; everyone
+        when no list is set). One set lookup: cheap enough for every stream and message."""
+        allow = self.cfg.allow_peers
+        return allow is None or peer_id == self.peer_id or peer_id in allow
+
+    def limits_status(self) -> dict[str, Any]:
+        """Counters of what the perimeter refused (for /status)."""
+        res = self.resources
+        return {
+            "allow_peers": len(self.cfg.allow_peers) if self.cfg.allow_peers is not None else None,
+            "refused_connections": self.refused_connections,
+            "refused_streams": dict(res.refused) if res else {},
+            "refused_streams_by_protocol": dict(self.refused_streams),
+            "dropped_pubsub_forwarder_rate": getattr(self.pubsub, "dropped_forwarder_rate", 0),
+            "dropped_pubsub_source_rate": self.dropped_source_rate,
+        }
 
     @property
     def host(self) -> Any:
@@ -418,19 +802,36 @@ class Node:
         assert scope.cancelled_caught
         raise DialError(f"opening {protocol_id} stream to {peer_id} timed out after {timeout:.1f}s")
 
-    def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+    def set_stream_handler(self, protocol_id: str, handler: StreamHandler, *, max_frame: int | None = None,
+                           max_per_peer: int | None = None) -> None:
         """Serve ``protocol_id``: ``await handler(stream, remote_peer_id)`` per incoming stream.
 
         Each stream already runs in its own task (libp2p spawns one per stream). The stream is
         closed when the handler returns; exceptions are logged, never propagated to the host.
+        A peer not allowed (``allow_peers``), or already running ``max_per_peer`` (default
+        ``cfg.max_streams_per_protocol``) handlers of this protocol, has its stream reset at once.
+        ``max_frame`` bounds the frames read from the stream (default: p2p.framing's).
+        Per-stream cost: one set lookup and one counter update.
         """
+        cap = self.cfg.max_streams_per_protocol if max_per_peer is None else max_per_peer
+        frame_kw = {} if max_frame is None else {"max_frame": max_frame}
 
         async def _on_stream(raw: Any) -> None:
             try:
                 remote = raw.muxed_conn.peer_id.to_base58()
             except Exception:
                 remote = "?"
-            fs = FramedStream(raw, peer=remote)
+            key = (remote, protocol_id)
+            if not self.peer_allowed(remote) or self._handler_runs[key] >= cap:
+                self.refused_streams[protocol_id] += 1
+                why = "not in --allow-peers" if not self.peer_allowed(remote) else f"{cap} streams already running"
+                _limit_log.warning(f"proto:{remote}:{protocol_id}", "reset a %s stream from %s: %s", protocol_id,
+                                   remote, why)
+                with contextlib.suppress(Exception):
+                    await raw.reset()
+                return
+            self._handler_runs[key] += 1
+            fs = FramedStream(raw, peer=remote, **frame_kw)
             try:
                 await handler(fs, remote)
             except Exception as e:
@@ -438,6 +839,10 @@ class Node:
                 with contextlib.suppress(Exception):
                     await raw.reset()
             finally:
+                if self._handler_runs[key] <= 1:
+                    del self._handler_runs[key]
+                else:
+                    self._handler_runs[key] -= 1
                 await fs.close()
 
         self._host.set_stream_handler(protocol_id, _on_stream)
@@ -462,17 +867,28 @@ class Node:
     async def subscribe(self, topic: str, validator: PubsubValidator | None = None) -> Subscription:
         """Subscribe to ``topic``. ``validator(data, source_peer_id) -> bool`` runs on every
         message (ours included) before delivery and forwarding: False drops it (not relayed).
-        Drain the subscription promptly: libp2p's queue holds only 32 messages."""
-        if validator is not None:
+        Drain the subscription promptly: libp2p's queue holds only 32 messages.
 
-            def _v(forwarder: Any, msg: Any) -> bool:
-                try:
-                    return bool(validator(bytes(msg.data), ID(msg.from_id).to_base58()))
-                except Exception as e:  # a validator bug must not break the pubsub loop
-                    log.warning("pubsub validator for %s raised %s: %s", topic, type(e).__name__, e)
-                    return False
+        Before ``validator``, every message from another signer is dropped if the signer is not
+        allowed (``allow_peers``) or publishes faster than ``gossip_source_rate`` (token bucket)."""
 
-            self.pubsub.set_topic_validator(topic, _v, False)
+        def _v(forwarder: Any, msg: Any) -> bool:
+            try:
+                source = ID(msg.from_id).to_base58()
+                if source != self.peer_id:
+                    if not self.peer_allowed(source):
+                        return False
+                    if not self._source_bucket.allow(source):
+                        self.dropped_source_rate += 1
+                        _limit_log.warning(f"src:{source}", "peer %s publishes faster than %.0f/s on %s: dropping",
+                                           source, self._source_bucket.rate, topic)
+                        return False
+                return validator is None or bool(validator(bytes(msg.data), source))
+            except Exception as e:  # a validator bug must not break the pubsub loop
+                log.warning("pubsub validator for %s raised %s: %s", topic, type(e).__name__, e)
+                return False
+
+        self.pubsub.set_topic_validator(topic, _v, False)
         return Subscription(await self.pubsub.subscribe(topic))
 
     async def publish(self, topic: str, data: bytes) -> None:
@@ -532,6 +948,17 @@ async def open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
     its connections and all background tasks. Raises IdentityError / SwarmKeyError for bad
     key files, ValueError for a malformed address, OSError if a listen address cannot be bound.
     """
+    lock = IdentityLock(cfg.identity_path).acquire() if cfg.identity_path and cfg.lock_identity else None
+    try:
+        async with _open_node(cfg) as node:
+            yield node
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.asynccontextmanager
+async def _open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(cfg.identity_path)
     psk = read_swarm_key(cfg.swarm_key_path) if cfg.swarm_key_path else None
     listen = [multiaddr.Multiaddr(a) for a in cfg.listen]
@@ -549,7 +976,8 @@ async def open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
     host = libp2p.new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=_new_x25519().private_key)},
-        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        muxer_opt={YAMUX_PROTOCOL_ID: type("BoundedYamux", (_BoundedYamux,),
+                                           {"max_buffered": cfg.max_buffered_bytes_per_peer})},
         listen_addrs=listen,
         connection_config=conn_cfg,
         psk=psk,
@@ -563,7 +991,11 @@ async def open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
         heartbeat_interval=cfg.gossip_heartbeat,
         max_messages_per_topic_per_second=cfg.gossip_max_msgs_per_second,
     )
-    pubsub = Pubsub(host, gossipsub, strict_signing=True)
+    pubsub = _GatedPubsub(host, gossipsub, strict_signing=True, forwarder_rate=cfg.gossip_max_msgs_per_forwarder)
+    holder: list[Node] = []
+    resources = _PeerResources(cfg, lambda peer: holder[0].peer_allowed(peer) if holder else cfg.allow_peers is None)
+    # no global stream semaphore: it queues everyone's streams behind one peer's flood
+    host.get_network().set_resource_manager(resources, enable_stream_semaphore=False)
 
     async with host.run(listen_addrs=listen):
         async with background_trio_service(pubsub), background_trio_service(gossipsub):
@@ -571,6 +1003,10 @@ async def open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
                 await pubsub.wait_until_ready()
             async with trio.open_nursery() as nursery:
                 node = Node(cfg, host, key_pair, pubsub, nursery)
+                node.resources = resources
+                holder.append(node)
+                if cfg.allow_peers is not None:
+                    host.get_network().register_notifee(_AllowNotifee(node))
                 for st, addr in boots:
                     if st.peer_id == node.peer_id:
                         continue  # a node listed as its own bootstrap
@@ -592,7 +1028,10 @@ async def open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
 
 
 __all__ = [
+    "AllowListError",
     "DialError",
+    "IdentityInUse",
+    "IdentityLock",
     "IdentityError",
     "Node",
     "NodeConfig",
@@ -602,6 +1041,7 @@ __all__ = [
     "expand_addrs",
     "load_or_create_identity",
     "open_node",
+    "read_allow_peers",
     "read_swarm_key",
     "split_p2p_addr",
     "write_swarm_key",
