@@ -319,6 +319,19 @@ def read_swarm_key(path: Path) -> str:
     return key.lower()
 
 
+def is_peer_id(text: str) -> bool:
+    """Whether ``text`` is a base58 libp2p peer id: a multihash, identity-coded (``12D3KooW...``,
+    inlined Ed25519 keys) or sha2-256 (``Qm...``)."""
+    try:
+        raw = ID.from_base58(text).to_bytes()
+    except Exception:
+        return False
+    if len(raw) < 2 or len(text) > 128:
+        return False
+    code, size = raw[0], raw[1]
+    return (code == 0x00 and size == len(raw) - 2 and size >= 32) or (code == 0x12 and size == 32 and len(raw) == 34)
+
+
 def read_allow_peers(path: Path) -> frozenset[str]:
     """Peer ids from an allow-list file: one per line, ``#`` starts a comment, blank lines ignored.
 
@@ -333,9 +346,9 @@ def read_allow_peers(path: Path) -> frozenset[str]:
         word = line.split("#", 1)[0].strip()
         if not word:
             continue
-        try:
-            out.add(ID.from_base58(word).to_base58())
-        except Exception:
+        if is_peer_id(word):
+            out.add(word)
+        else:
             raise AllowListError(f"{path}:{n}: {word[:80]!r} is not a peer id (one peer id per line, "
                                  "as the peer prints it at start)") from None
     if not out:
@@ -553,6 +566,26 @@ class _BoundedYamux(Yamux):
         await super().handle_incoming()
         if self.over_limit:
             await self._cleanup_on_error()
+
+
+def _use_bounded_yamux(host: Any, max_buffered: int) -> None:
+    """Make the host's upgrader build :class:`_BoundedYamux` connections (py-libp2p 0.8.1's muxer
+    negotiation constructs ``Yamux`` by name, ignoring the class given in ``muxer_opt``)."""
+    mm = host.get_network().upgrader.muxer_multistream
+    bounded = type("BoundedYamux", (_BoundedYamux,), {"max_buffered": max_buffered})
+
+    async def new_conn(conn: Any, peer_id: ID) -> Any:
+        protocol, transport_class = await mm._selector.select(conn, conn.is_initiator, mm.negotiate_timeout)
+        if protocol == YAMUX_PROTOCOL_ID:
+            async def on_close() -> None:
+                pass
+
+            muxed = bounded(conn, peer_id, is_initiator=conn.is_initiator, on_close=on_close)
+        else:
+            muxed = transport_class(conn, peer_id)
+        return mm._annotate_connection(muxed, conn, protocol)
+
+    mm.new_conn = new_conn
 
 
 class _GatedPubsub(Pubsub):
@@ -835,7 +868,8 @@ class Node:
             try:
                 await handler(fs, remote)
             except Exception as e:
-                log.warning("handler for %s from %s failed: %s: %s", protocol_id, remote, type(e).__name__, e)
+                _limit_log.warning(f"fail:{remote}:{protocol_id}", "handler for %s from %s failed: %s: %s",
+                                   protocol_id, remote, type(e).__name__, e)
                 with contextlib.suppress(Exception):
                     await raw.reset()
             finally:
@@ -976,8 +1010,7 @@ async def _open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
     host = libp2p.new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=_new_x25519().private_key)},
-        muxer_opt={YAMUX_PROTOCOL_ID: type("BoundedYamux", (_BoundedYamux,),
-                                           {"max_buffered": cfg.max_buffered_bytes_per_peer})},
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
         listen_addrs=listen,
         connection_config=conn_cfg,
         psk=psk,
@@ -991,6 +1024,7 @@ async def _open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
         heartbeat_interval=cfg.gossip_heartbeat,
         max_messages_per_topic_per_second=cfg.gossip_max_msgs_per_second,
     )
+    _use_bounded_yamux(host, cfg.max_buffered_bytes_per_peer)
     pubsub = _GatedPubsub(host, gossipsub, strict_signing=True, forwarder_rate=cfg.gossip_max_msgs_per_forwarder)
     holder: list[Node] = []
     resources = _PeerResources(cfg, lambda peer: holder[0].peer_allowed(peer) if holder else cfg.allow_peers is None)
