@@ -818,7 +818,8 @@ class Node:
             raise DialError(f"cannot connect to {peer_id} at {[str(m) for m in maddrs] or 'known addrs'}: {_cause(e)}") from e
 
     async def open_stream(
-        self, peer_id: str, protocol_id: str, addrs: Sequence[str] | None = None, timeout: float = 10.0
+        self, peer_id: str, protocol_id: str, addrs: Sequence[str] | None = None, timeout: float = 10.0,
+        max_frame: int | None = None,
     ) -> FramedStream:
         """Open a stream for ``protocol_id`` to ``peer_id`` (connecting first if needed).
 
@@ -831,7 +832,7 @@ class Node:
                 raw = await self._host.new_stream(ID.from_base58(peer_id), [protocol_id])
             except Exception as e:
                 raise DialError(f"cannot open {protocol_id} stream to {peer_id}: {_cause(e)}") from e
-            return FramedStream(raw, peer=peer_id)
+            return FramedStream(raw, peer=peer_id, **({} if max_frame is None else {"max_frame": max_frame}))
         assert scope.cancelled_caught
         raise DialError(f"opening {protocol_id} stream to {peer_id} timed out after {timeout:.1f}s")
 
