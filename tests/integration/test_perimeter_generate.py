@@ -37,14 +37,15 @@ async def ask(node, head: dict, req: dict | None = None, *, key: str | None = AP
     """One generate request: ("done", text) or ("error", status) or ("closed", reason)."""
     fs = await node.open_stream(head["peer"], PROTOCOL, head["addrs"], timeout=10)
     try:
-        if raw is not None:
-            await fs.send_raw(raw)
-        else:
-            if body is None:
-                body = {"req": req or completion(max_tokens=8), "model_hash": head["hash"]}
-                if key is not None:
-                    body["auth"] = request_mac(key, node.peer_id, head["peer"])
-            await fs.send(REQUEST, body)
+        if body is None and raw is None:
+            body = {"req": req or completion(max_tokens=8), "model_hash": head["hash"]}
+            if key is not None:
+                body["auth"] = request_mac(key, node.peer_id, head["peer"])
+        try:
+            with trio.fail_after(timeout):
+                await (fs.send_raw(raw) if raw is not None else fs.send(REQUEST, body))
+        except (StreamClosed, ConnectionError) as e:  # the head stopped reading (an oversized frame)
+            return "closed", str(e)
         text = ""
         with trio.fail_after(timeout):
             while True:
