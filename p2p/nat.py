@@ -170,6 +170,10 @@ def connection_kind(host: Any, peer_id: ID) -> str | None:
     conns = host.get_network().connections.get(peer_id) or []
     if not isinstance(conns, list):
         conns = [conns]
+    # a closed connection lingers in the table for a while (e.g. a circuit the relay just cut at its
+    # limit): it must not make connect() skip the redial
+    conns = [c for c in conns if not getattr(c, "is_closed", False)
+             and not getattr(getattr(c, "muxed_conn", None), "is_closed", False)]
     kinds = [all(is_circuit(a) for a in _conn_addrs(c)) and bool(_conn_addrs(c)) for c in conns]
     if not kinds:
         return None
