@@ -115,18 +115,18 @@ def check_request_size(req: GenerationRequest, max_model_len: int) -> None:
     """Refuse a request that cannot fit the context, before any tokenization (pure, O(prompt)).
     Raises APIError 400."""
     if req.prompt_token_ids is not None and len(req.prompt_token_ids) >= max_model_len:
-        raise APIError(400, f"the prompt has {len(req.prompt_token_ids)} tokens; this model's context is "
-                            f"{max_model_len}", param="prompt")
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                            f"{len(req.prompt_token_ids)}. Shorten the prompt.", param="prompt")
     chars = len(req.prompt or "")
     for m in req.messages or ():
         c = m.get("content")
         chars += len(c) if isinstance(c, str) else sum(len(str(x)) for x in c or ())
     if chars > max_model_len * MAX_CHARS_PER_TOKEN:
-        raise APIError(400, f"the prompt has {chars} characters: it cannot fit this model's context of "
-                            f"{max_model_len} tokens; shorten it", param="prompt")
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; a prompt of {chars} "
+                            "characters cannot fit. Shorten the prompt.", param="prompt")
     if req.max_tokens is not None and req.max_tokens >= max_model_len:
-        raise APIError(400, f"max_tokens {req.max_tokens} exceeds this model's context of {max_model_len}",
-                       param="max_tokens")
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; max_tokens "
+                            f"{req.max_tokens} cannot fit. Lower max_tokens.", param="max_tokens")
 
 
 class GenerateGuard:

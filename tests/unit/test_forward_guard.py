@@ -59,7 +59,7 @@ def test_size_checked_before_tokenizing() -> None:
         check_request_size(parse_completion({"prompt": "x" * (2048 * 128 + 1)}), 2048)
     with pytest.raises(APIError, match="characters"):
         check_request_size(parse_chat({"messages": [{"role": "user", "content": "y" * 300_000}]}), 2048)
-    with pytest.raises(APIError, match="tokens"):
+    with pytest.raises(APIError, match="the prompt has 2048"):
         check_request_size(GenerationRequest(kind="completion", prompt_token_ids=[1] * 2048), 2048)
     with pytest.raises(APIError, match="max_tokens"):
         check_request_size(parse_completion({"prompt": "x", "max_tokens": 4096}), 2048)
