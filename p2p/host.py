@@ -1,6 +1,6 @@
 """The libp2p host: identity, Noise-only security, yamux, optional swarm key, pubsub, dials.
 
-This is the only module that imports libp2p (besides :mod:`p2p.nat`). Everything above it sees
+This is the only module that imports libp2p (besides :mod:`p2p.nat` and :mod:`p2p.perimeter`). Everything above it sees
 peer ids and multiaddrs as strings, streams as :class:`p2p.streams.FramedStream` and pubsub as
 ``bytes`` in / ``(bytes, source peer id)`` out, so protocol logic can be tested without libp2p.
 
@@ -29,7 +29,7 @@ Perimeter (a peer id costs nothing, so every limit is per peer; see :class:`Node
   ``max_streams_per_protocol`` concurrent handler runs per peer per protocol; excess streams are
   reset at once with a rate-limited log line.
 - Bytes in flight: py-libp2p's yamux does not enforce its own receive window (a peer that ignores it
-  is buffered without bound). :class:`_BoundedYamux` closes the connection of a peer whose unread
+  is buffered without bound). :class:`BoundedYamux` closes the connection of a peer whose unread
   bytes exceed ``max_buffered_bytes_per_peer``.
 - Pubsub: gossipsub's per-forwarder rate limit is back near its default
   (``gossip_max_msgs_per_second``); a forwarder over ``gossip_max_msgs_per_forwarder`` is dropped
@@ -45,15 +45,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import logging
 import os
 import random
 import re
 import socket
 import stat
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,13 +100,10 @@ from libp2p.crypto.serialization import deserialize_private_key  # noqa: E402
 from libp2p.crypto.x25519 import create_new_key_pair as _new_x25519  # noqa: E402
 from libp2p.host.ping import PingService  # noqa: E402
 from libp2p.network.config import ConnectionConfig  # noqa: E402
-from libp2p.abc import INotifee  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr  # noqa: E402
 from libp2p.pubsub.gossipsub import GossipSub  # noqa: E402
 from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
-from libp2p.rcmgr import Direction  # noqa: E402
-from libp2p.rcmgr.manager import ResourceManager  # noqa: E402
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID  # noqa: E402
 from libp2p.security.noise.transport import Transport as NoiseTransport  # noqa: E402
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID  # noqa: E402
@@ -117,6 +111,20 @@ from libp2p.stream_muxer.yamux.yamux import Yamux  # noqa: E402
 from libp2p.tools.anyio_service import background_trio_service  # noqa: E402
 
 configure_libp2p_logging()
+
+from p2p.perimeter import (  # noqa: E402  (after libp2p's logging is configured)
+    AllowListError,
+    AllowNotifee,
+    GatedPubsub,
+    IdentityInUse,
+    IdentityLock,
+    PeerResources,
+    TokenBucket,
+    limit_log,
+    read_allow_peers,
+    read_key_file,
+    use_bounded_yamux,
+)
 
 GOSSIPSUB_PROTOCOLS = ["/meshsub/1.1.0", "/meshsub/1.0.0"]
 
@@ -132,14 +140,6 @@ class IdentityError(RuntimeError):
 
 class SwarmKeyError(ValueError):
     """The swarm key file is not a valid 32-byte pre-shared key."""
-
-
-class AllowListError(ValueError):
-    """The ``--allow-peers`` file cannot be read or holds something that is not a peer id."""
-
-
-class IdentityInUse(RuntimeError):
-    """Another running daemon holds this identity file (two daemons would be one peer id)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,29 +186,6 @@ class NodeConfig:
 
 
 # ----------------------------------------------------------------------------------- identity
-
-
-def read_key_file(path: Path, what: str, max_bytes: int = 1 << 20) -> bytes:
-    """Read a key file without following a symlink at its last component (``O_NOFOLLOW``).
-
-    Raises OSError (with the fix in the message for a symlink)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(e.errno, f"{what} {path} is a symlink; key files are not read through symlinks: "
-                                   "point the flag at the real file") from None
-        raise
-    try:
-        data = b""
-        while len(data) <= max_bytes:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return data
-            data += chunk
-        raise OSError(errno.EFBIG, f"{what} {path} is larger than {max_bytes} bytes: not a key file")
-    finally:
-        os.close(fd)
 
 
 def check_private_file(path: Path, what: str) -> None:
@@ -258,43 +235,6 @@ def load_or_create_identity(path: Path | None) -> KeyPair:
     return kp
 
 
-class IdentityLock:
-    """An exclusive ``flock`` on ``<identity>.lock`` held while a node runs, with the holder's pid
-    written in it: a second daemon started with the same identity is refused with
-    :class:`IdentityInUse` naming that pid (two processes with one peer id never see each other)."""
-
-    def __init__(self, identity: Path) -> None:
-        self.path = Path(identity).with_name(Path(identity).name + ".lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> IdentityLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            ident = self.path.with_name(self.path.name[: -len(".lock")])
-            raise IdentityInUse(
-                f"identity {ident} is in use by another molinkd (pid {holder}); two daemons with one "
-                f"identity are one peer id and never see each other. Give this one its own: "
-                f"--identity {ident.with_name('identity-2.key')}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-
 def peer_id_of(key_pair: KeyPair) -> str:
     return ID.from_pubkey(key_pair.public_key).to_base58()
 
@@ -317,43 +257,6 @@ def read_swarm_key(path: Path) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", key):
         raise SwarmKeyError(f"{path}: the key must be 64 hex characters (32 bytes)")
     return key.lower()
-
-
-def is_peer_id(text: str) -> bool:
-    """Whether ``text`` is a base58 libp2p peer id: a multihash, identity-coded (``12D3KooW...``,
-    inlined Ed25519 keys) or sha2-256 (``Qm...``)."""
-    try:
-        raw = ID.from_base58(text).to_bytes()
-    except Exception:
-        return False
-    if len(raw) < 2 or len(text) > 128:
-        return False
-    code, size = raw[0], raw[1]
-    return (code == 0x00 and size == len(raw) - 2 and size >= 32) or (code == 0x12 and size == 32 and len(raw) == 34)
-
-
-def read_allow_peers(path: Path) -> frozenset[str]:
-    """Peer ids from an allow-list file: one per line, ``#`` starts a comment, blank lines ignored.
-
-    Raises AllowListError naming the line of anything that is not a peer id (a typo would otherwise
-    lock a peer out silently) or if the file lists nobody."""
-    try:
-        text = read_key_file(Path(path), "allow-peers file").decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise AllowListError(f"cannot read the allow-peers file {path}: {getattr(e, 'strerror', None) or e}") from None
-    out: set[str] = set()
-    for n, line in enumerate(text.splitlines(), 1):
-        word = line.split("#", 1)[0].strip()
-        if not word:
-            continue
-        if is_peer_id(word):
-            out.add(word)
-        else:
-            raise AllowListError(f"{path}:{n}: {word[:80]!r} is not a peer id (one peer id per line, "
-                                 "as the peer prints it at start)") from None
-    if not out:
-        raise AllowListError(f"{path}: lists no peer id; with --allow-peers, no peer could connect")
-    return frozenset(out)
 
 
 def write_swarm_key(path: Path) -> None:
@@ -418,230 +321,6 @@ def split_p2p_addr(addr: str) -> tuple[str, str]:
 def _strip_p2p(addr: str) -> str:
     i = addr.find("/p2p/")
     return addr[:i] if i >= 0 else addr
-
-
-# ----------------------------------------------------------------------------------- limits
-
-
-class RateLimitedLog:
-    """At most one WARNING per ``interval`` seconds per key (the rest go to DEBUG): a flood must not
-    turn into a flood of log lines."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self.suppressed = 0
-
-    def warning(self, key: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) >= self.interval:
-            if len(self._last) > 1000:
-                self._last.clear()
-            self._last[key] = now
-            self.logger.warning(msg, *args)
-        else:
-            self.suppressed += 1
-            self.logger.debug(msg, *args)
-
-
-class TokenBucket:
-    """Per-key token buckets (``rate`` per second, ``burst`` deep); memory bounded by ``max_keys``."""
-
-    def __init__(self, rate: float, burst: float, max_keys: int = 4096) -> None:
-        self.rate, self.burst, self.max_keys = rate, burst, max_keys
-        self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
-
-    def allow(self, key: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        tokens, last = self._state.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < 1.0:
-            self._state[key] = (tokens, now)
-            return False
-        if len(self._state) >= self.max_keys and key not in self._state:
-            # forget the fullest buckets (idle keys): they would be full again anyway
-            for k in [k for k, (t, _) in self._state.items() if t >= self.burst - 1][: self.max_keys // 2]:
-                del self._state[k]
-        self._state[key] = (tokens - 1.0, now)
-        return True
-
-
-_limit_log = RateLimitedLog(log)
-
-
-class _PeerResources(ResourceManager):
-    """py-libp2p's resource manager with per-peer inbound stream caps and the allow list.
-
-    ``acquire_stream`` runs when the muxer hands over a new inbound stream, before any protocol
-    negotiation: a refused stream is reset at once. (The library's own limit is global: one peer
-    could take all 10000 slots, and its semaphore makes everyone else's streams queue.)"""
-
-    def __init__(self, cfg: NodeConfig, allowed: Callable[[str], bool]) -> None:
-        super().__init__(enable_metrics=False, enable_prometheus=False)
-        self._per_peer = cfg.max_streams_per_peer
-        self._allowed = allowed
-        self.inbound: collections.Counter[str] = collections.Counter()
-        self.refused: collections.Counter[str] = collections.Counter()  # by reason
-
-    def acquire_stream(self, peer_id: Any, direction: Any) -> bool:
-        if direction == Direction.INBOUND:
-            peer = str(peer_id)
-            if not self._allowed(peer):
-                self.refused["not_allowed"] += 1
-                _limit_log.warning(f"deny:{peer}", "refused a stream from %s: not in --allow-peers", peer)
-                return False
-            if self.inbound[peer] >= self._per_peer:
-                self.refused["streams_per_peer"] += 1
-                _limit_log.warning(f"streams:{peer}", "peer %s has %d streams open (the limit): resetting its new "
-                                   "ones", peer, self.inbound[peer])
-                return False
-            if not super().acquire_stream(peer_id, direction):
-                self.refused["streams_total"] += 1
-                return False
-            self.inbound[peer] += 1
-            return True
-        return super().acquire_stream(peer_id, direction)
-
-    def release_stream(self, peer_id: Any, direction: Any) -> None:
-        super().release_stream(peer_id, direction)
-        if direction == Direction.INBOUND:
-            peer = str(peer_id)
-            if self.inbound[peer] <= 1:
-                self.inbound.pop(peer, None)
-            else:
-                self.inbound[peer] -= 1
-
-
-class _MeteredBuffer(bytearray):
-    """A yamux stream's receive buffer that tells its connection when it grows."""
-
-    __slots__ = ("_owner",)
-
-    def extend(self, data: Any) -> None:  # type: ignore[override]
-        super().extend(data)
-        if len(self) > _BoundedYamux.CHECK_ABOVE:
-            self._owner.check_buffered()
-
-
-class _Buffers(dict):
-    """``Yamux.stream_buffers`` whose values are :class:`_MeteredBuffer` (assigned by the library)."""
-
-    def __init__(self, owner: _BoundedYamux) -> None:
-        super().__init__()
-        self._owner = owner
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        buf = _MeteredBuffer(value)
-        buf._owner = self._owner
-        super().__setitem__(key, buf)
-
-
-class _BoundedYamux(Yamux):
-    """Yamux that closes the connection of a peer whose unread bytes exceed a cap.
-
-    py-libp2p 0.8.1's yamux only logs "peer exceeded receive window" and keeps buffering, so a peer
-    ignoring flow control could fill our memory. An honest peer stays within its windows (256 KiB
-    growing to 16 MiB per stream). Cost: one length check per DATA frame; the sum over the
-    connection's buffers only when one buffer holds more than CHECK_ABOVE bytes."""
-
-    CHECK_ABOVE = 1 << 20
-    max_buffered = 128 << 20  # set per host by open_node (a subclass per config)
-
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.stream_buffers = _Buffers(self)
-        self.over_limit = False
-
-    def check_buffered(self) -> None:
-        total = sum(len(b) for b in list(self.stream_buffers.values()))
-        if total > self.max_buffered and not self.over_limit:
-            self.over_limit = True
-            _limit_log.warning(f"bytes:{self.peer_id}", "peer %s has %d unread bytes buffered (limit %d; it ignores "
-                               "flow control): closing its connection", self.peer_id, total, self.max_buffered)
-            self.event_shutting_down.set()  # handle_incoming stops at its next frame
-            raise ConnectionResetError("peer exceeded the buffered-bytes limit")
-
-    async def handle_incoming(self) -> None:
-        await super().handle_incoming()
-        if self.over_limit:
-            await self._cleanup_on_error()
-
-
-def _use_bounded_yamux(host: Any, max_buffered: int) -> None:
-    """Make the host's upgrader build :class:`_BoundedYamux` connections (py-libp2p 0.8.1's muxer
-    negotiation constructs ``Yamux`` by name, ignoring the class given in ``muxer_opt``)."""
-    mm = host.get_network().upgrader.muxer_multistream
-    bounded = type("BoundedYamux", (_BoundedYamux,), {"max_buffered": max_buffered})
-
-    async def new_conn(conn: Any, peer_id: ID) -> Any:
-        protocol, transport_class = await mm._selector.select(conn, conn.is_initiator, mm.negotiate_timeout)
-        if protocol == YAMUX_PROTOCOL_ID:
-            async def on_close() -> None:
-                pass
-
-            muxed = bounded(conn, peer_id, is_initiator=conn.is_initiator, on_close=on_close)
-        else:
-            muxed = transport_class(conn, peer_id)
-        return mm._annotate_connection(muxed, conn, protocol)
-
-    mm.new_conn = new_conn
-
-
-class _GatedPubsub(Pubsub):
-    """Pubsub that drops a forwarder's new messages over a per-second ceiling before the signature
-    check and the validators (the expensive part of a flood)."""
-
-    def __init__(self, *a: Any, forwarder_rate: float, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self._fwd_bucket = TokenBucket(forwarder_rate, forwarder_rate)
-        self.dropped_forwarder_rate = 0
-
-    async def push_msg(self, msg_forwarder: ID, msg: Any) -> None:
-        if msg_forwarder != self.my_id and not self._is_msg_seen(msg):
-            if not self._fwd_bucket.allow(str(msg_forwarder)):
-                self.dropped_forwarder_rate += 1
-                _limit_log.warning(f"pubsub:{msg_forwarder}", "peer %s forwards pubsub messages faster than %.0f/s: "
-                                   "dropping them", msg_forwarder, self._fwd_bucket.rate)
-                return
-        await super().push_msg(msg_forwarder, msg)
-
-
-class _AllowNotifee(INotifee):
-    """Closes connections of peers that are not allowed (py-libp2p gates by IP only)."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    async def connected(self, network: Any, conn: Any) -> None:
-        try:
-            peer = conn.muxed_conn.peer_id.to_base58()
-        except Exception:
-            return
-        if not self.node.peer_allowed(peer):
-            self.node.refused_connections += 1
-            _limit_log.warning(f"conn:{peer}", "closing the connection of %s: not in --allow-peers", peer)
-            self.node._nursery.start_soon(_close_quietly, conn)
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        pass
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        pass
-
-
-async def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(Exception), trio.move_on_after(5):
-        await conn.close()
 
 
 # ----------------------------------------------------------------------------------- node
@@ -711,7 +390,7 @@ class Node:
         # every address incl. circuits (host.connect drops circuits, dials one TCP addr).
         self.addrs_hook: Callable[[list[str]], list[str]] | None = None
         self.dial_hook: Callable[[str, Sequence[str], float], Awaitable[Any]] | None = None
-        self.resources: _PeerResources | None = None  # set by open_node
+        self.resources: PeerResources | None = None  # set by open_node
         self.refused_connections = 0
         self._handler_runs: collections.Counter[tuple[str, str]] = collections.Counter()  # (peer, protocol)
         self.refused_streams: collections.Counter[str] = collections.Counter()  # protocol -> count
@@ -859,7 +538,7 @@ class Node:
             if not self.peer_allowed(remote) or self._handler_runs[key] >= cap:
                 self.refused_streams[protocol_id] += 1
                 why = "not in --allow-peers" if not self.peer_allowed(remote) else f"{cap} streams already running"
-                _limit_log.warning(f"proto:{remote}:{protocol_id}", "reset a %s stream from %s: %s", protocol_id,
+                limit_log.warning(f"proto:{remote}:{protocol_id}", "reset a %s stream from %s: %s", protocol_id,
                                    remote, why)
                 with contextlib.suppress(Exception):
                     await raw.reset()
@@ -869,7 +548,7 @@ class Node:
             try:
                 await handler(fs, remote)
             except Exception as e:
-                _limit_log.warning(f"fail:{remote}:{protocol_id}", "handler for %s from %s failed: %s: %s",
+                limit_log.warning(f"fail:{remote}:{protocol_id}", "handler for %s from %s failed: %s: %s",
                                    protocol_id, remote, type(e).__name__, e)
                 with contextlib.suppress(Exception):
                     await raw.reset()
@@ -915,7 +594,7 @@ class Node:
                         return False
                     if not self._source_bucket.allow(source):
                         self.dropped_source_rate += 1
-                        _limit_log.warning(f"src:{source}", "peer %s publishes faster than %.0f/s on %s: dropping",
+                        limit_log.warning(f"src:{source}", "peer %s publishes faster than %.0f/s on %s: dropping",
                                            source, self._source_bucket.rate, topic)
                         return False
                 return validator is None or bool(validator(bytes(msg.data), source))
@@ -1025,10 +704,10 @@ async def _open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
         heartbeat_interval=cfg.gossip_heartbeat,
         max_messages_per_topic_per_second=cfg.gossip_max_msgs_per_second,
     )
-    _use_bounded_yamux(host, cfg.max_buffered_bytes_per_peer)
-    pubsub = _GatedPubsub(host, gossipsub, strict_signing=True, forwarder_rate=cfg.gossip_max_msgs_per_forwarder)
+    use_bounded_yamux(host, cfg.max_buffered_bytes_per_peer)
+    pubsub = GatedPubsub(host, gossipsub, strict_signing=True, forwarder_rate=cfg.gossip_max_msgs_per_forwarder)
     holder: list[Node] = []
-    resources = _PeerResources(cfg, lambda peer: holder[0].peer_allowed(peer) if holder else cfg.allow_peers is None)
+    resources = PeerResources(cfg, lambda peer: holder[0].peer_allowed(peer) if holder else cfg.allow_peers is None)
     # no global stream semaphore: it queues everyone's streams behind one peer's flood
     host.get_network().set_resource_manager(resources, enable_stream_semaphore=False)
 
@@ -1041,7 +720,7 @@ async def _open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
                 node.resources = resources
                 holder.append(node)
                 if cfg.allow_peers is not None:
-                    host.get_network().register_notifee(_AllowNotifee(node))
+                    host.get_network().register_notifee(AllowNotifee(node))
                 for st, addr in boots:
                     if st.peer_id == node.peer_id:
                         continue  # a node listed as its own bootstrap
