@@ -1,7 +1,7 @@
 """The libp2p host: identity, Noise-only security, yamux, optional swarm key, pubsub, dials.
 
-This is the only module that imports libp2p (besides :mod:`p2p.nat` and :mod:`p2p.perimeter`). Everything above it sees
-peer ids and multiaddrs as strings, streams as :class:`p2p.streams.FramedStream` and pubsub as
+This is the only module that imports libp2p (besides :mod:`p2p.nat` and :mod:`p2p.perimeter`).
+Everything above it sees peer ids and multiaddrs as strings, streams as :class:`p2p.streams.FramedStream` and pubsub as
 ``bytes`` in / ``(bytes, source peer id)`` out, so protocol logic can be tested without libp2p.
 
 Usage::
