@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"peer identity key, created if missing (default {config_dir() / 'identity.key'})")
     g.add_argument("--swarm-key", type=_existing_file, default=None, metavar="FILE",
                    help="private swarm: only peers with the same key file can connect")
+    g.add_argument("--allow-peers", type=_existing_file, default=None, metavar="FILE",
+                   help="only these peers (one peer id per line, # comments) may connect, open streams, have "
+                        "their announcements accepted or ask for generations; list the bootstrap peers too")
     g.add_argument("--reachability", choices=["auto", "public", "private"], default="auto",
                    help="auto: peers dial back to find out; public: serve as a relay (bootstrap machines); "
                         "private: always reserve relay slots")
@@ -319,6 +322,7 @@ def parse_join(argv: list[str]) -> tuple[DaemonConfig, argparse.Namespace]:
         announce=tuple(args.announce),
         http=http,
         swarm_key=args.swarm_key,
+        allow_peers=args.allow_peers,
         api_key=args.api_key,
         reachability=args.reachability,
         dtype={"half": "float16", "float": "float32"}.get(args.dtype, args.dtype),

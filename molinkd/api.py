@@ -37,6 +37,11 @@ from molinkd.resume import no_backend, resilient_stream
 log = logging.getLogger("molinkd.api")
 MAX_BODY = 4 << 20
 MAX_DRAIN = 64 << 20  # past this, stop reading and let the connection close
+# Connections (hypercorn has no cap of its own: every accepted socket gets a task).
+MAX_CONNECTIONS = 1024  # open at once; more are answered 503 and closed
+MAX_CONNECTIONS_PER_IP = 128  # one client address cannot take them all (a load balancer may need more)
+IDLE_TIMEOUT = 15.0  # a connection without a request in flight (incl. one trickling headers) is closed
+BODY_TIMEOUT = 30  # a request's body must arrive within this (Quart's BODY_TIMEOUT, 408 after)
 
 
 class Backend:  # structural type (documentation only)
@@ -71,7 +76,7 @@ def create_app(
     # upload before reading (most do) would otherwise block on a full socket and never see the 413.
     app.config["MAX_CONTENT_LENGTH"] = None
     app.config["RESPONSE_TIMEOUT"] = None  # long generations stream for minutes
-    app.config["BODY_TIMEOUT"] = 60
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT
 
     @app.errorhandler(HTTPException)
     async def _http_error(e: HTTPException):  # 404/405/413 from routing and size checks
@@ -401,15 +406,99 @@ async def _chat_stream(events: AsyncIterator[dict], req: GenerationRequest, mode
     yield b"data: [DONE]\n\n"
 
 
-async def serve_http(app: QuartTrio, bind: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` with Hypercorn on this trio loop; ``task_status.started(bound_urls)``."""
+class ConnectionCap:
+    """Open HTTP connections, in total and per client IP (pure bookkeeping, no I/O)."""
+
+    def __init__(self, total: int = MAX_CONNECTIONS, per_ip: int = MAX_CONNECTIONS_PER_IP) -> None:
+        self.total, self.per_ip = total, per_ip
+        self.open: dict[str, int] = {}
+        self.count = 0
+        self.refused = 0
+
+    def enter(self, ip: str) -> bool:
+        if self.count >= self.total or self.open.get(ip, 0) >= self.per_ip:
+            self.refused += 1
+            return False
+        self.count += 1
+        self.open[ip] = self.open.get(ip, 0) + 1
+        return True
+
+    def leave(self, ip: str) -> None:
+        self.count -= 1
+        if self.open.get(ip, 0) <= 1:
+            self.open.pop(ip, None)
+        else:
+            self.open[ip] -= 1
+
+
+_BUSY = json.dumps(APIError(503, "too many open connections; retry shortly", retryable=True).body()).encode()
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                  b"Retry-After: 1\r\nContent-Length: " + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY)
+_cap_log_at = [0.0]
+
+
+def _install_connection_cap() -> None:
+    """Make hypercorn's trio worker run connections through :class:`_CappedTCPServer` (it builds
+    ``TCPServer`` by name and has no connection limit). Servers whose config has no ``molink_cap``
+    are unaffected."""
+    from hypercorn.trio import run as hc_run
+    from hypercorn.trio.tcp_server import TCPServer
+
+    if getattr(hc_run.TCPServer, "_molink_capped", False):
+        return
+
+    class _CappedTCPServer(TCPServer):
+        _molink_capped = True
+
+        async def run(self) -> None:
+            cap: ConnectionCap | None = getattr(self.config, "molink_cap", None)
+            if cap is None:
+                return await super().run()
+            try:
+                ip = str(self.stream.socket.getpeername()[0])
+            except (AttributeError, OSError):
+                ip = "?"
+            if not cap.enter(ip):
+                if time.monotonic() - _cap_log_at[0] > 10:
+                    _cap_log_at[0] = time.monotonic()
+                    log.warning("HTTP connection refused: %d open (%d from %s); limits %d total, %d per address",
+                                cap.count, cap.open.get(ip, 0), ip, cap.total, cap.per_ip)
+                with contextlib.suppress(Exception), trio.move_on_after(1):
+                    await self.stream.send_all(_BUSY_RESPONSE)
+                with contextlib.suppress(Exception):
+                    await self.stream.aclose()
+                return
+            try:
+                await super().run()
+            finally:
+                cap.leave(ip)
+
+        async def _read_data(self) -> None:
+            await super()._read_data()
+            # the client is gone: hypercorn would keep the connection (and its slot) until the idle
+            # timer fires (IDLE_TIMEOUT later); end it now
+            await self.idle_task.stop()
+
+    hc_run.TCPServer = _CappedTCPServer
+
+
+async def serve_http(app: QuartTrio, bind: str, *, cap: ConnectionCap | None = None,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` with Hypercorn on this trio loop; ``task_status.started(bound_urls)``.
+
+    Connections are capped (``cap``, default :class:`ConnectionCap`); idle ones (no request in flight,
+    including one still trickling its headers, max 16 KiB of them) close after IDLE_TIMEOUT; a body must
+    arrive within BODY_TIMEOUT. A response streams as long as the generation runs."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    _install_connection_cap()
     cfg = Config()
     cfg.bind = [bind]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
-    cfg.keep_alive_timeout = 75
+    cfg.keep_alive_timeout = IDLE_TIMEOUT
     cfg.graceful_timeout = 2
+    cfg.backlog = 256
+    cfg.molink_cap = cap or ConnectionCap()
     await serve(app, cfg, task_status=task_status)

@@ -28,6 +28,7 @@ class DaemonConfig:
     http: str = DEFAULT_HTTP
     identity: Path = dataclasses.field(default_factory=lambda: config_dir() / "identity.key")
     swarm_key: Path | None = None
+    allow_peers: Path | None = None  # file of peer ids: only they may connect, open streams, announce
     api_key: str | None = None
     reachability: str = "auto"  # auto | public | private
     # engine

@@ -11,11 +11,26 @@ Protocol ``/molink/generate/1`` (frames from :mod:`p2p.framing`):
 - The asker closing the stream cancels the request on the head (its engine slot is freed).
 
 Every wait has a deadline; a head that dies mid-request surfaces as a 502 to the HTTP client.
+
+Limits on the head (:class:`GenerateGuard`, the same as HTTP's): frames of at most
+``MAX_GENERATE_FRAME`` (4 MiB, HTTP's body limit) both ways, the request within FIRST_FRAME_TIMEOUT,
+the prompt bounded before it is tokenized (:func:`check_request_size`), ``n``/``logprobs``/sampling
+re-validated by :meth:`GenerationRequest.from_wire`, at most ``max_per_peer`` requests running per
+asking peer (more get ``gen.error`` 429). Authorization mirrors HTTP's: with ``--allow-peers`` the
+asker must be listed; with ``--api-key`` the request carries ``auth``, an HMAC-SHA256 under the key
+of ``molink/generate/1|<asker peer id>|<head peer id>`` (compared with ``hmac.compare_digest``).
+The key itself never crosses the wire, so a hostile peer posing as a head learns nothing it could
+use elsewhere (the MAC names the head it was made for; the asker id is the authenticated libp2p
+peer). A gateway signs with its own ``--api-key``: peers of one swarm share a key, and a client's
+bearer key was already checked by the gateway's HTTP layer. Cost per request: one HMAC (~2 us).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
+import hmac
 import logging
 from typing import Any, AsyncIterator, Callable
 
@@ -31,6 +46,13 @@ PROTOCOL = "/molink/generate/1"
 REQUEST, EVENT, DONE, ERROR, ALIVE = "gen.request", "gen.event", "gen.done", "gen.error", "gen.alive"
 KEEPALIVE = 2.0
 SILENCE_TIMEOUT = 15.0
+FIRST_FRAME_TIMEOUT = 10.0
+MAX_GENERATE_FRAME = 4 << 20  # the HTTP API's body limit (molinkd.api.MAX_BODY)
+MAX_PER_PEER = 8  # concurrent forwarded requests per asking peer
+# No tokenizer we serve has a token over 128 characters (SmolLM2's longest: 81), so a prompt of more
+# than max_model_len * 128 characters cannot fit the context: refused before tokenizing it.
+MAX_CHARS_PER_TOKEN = 128
+DEFAULT_CONTEXT = 2048
 _EVENT_KEYS = {"start": {"prompt", "prompt_tokens", "n"}, "delta": {"index", "text", "token_ids", "logprobs",
                                                                      "finish_reason"},
                "end": {"prompt_tokens", "completion_tokens"}}
@@ -83,16 +105,88 @@ def _check_logprobs(rows: Any) -> None:
                 raise FrameError("a logprobs entry must be [token_id, logprob, rank, text]")
 
 
-async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Callable[[], Any], model_hash: str) -> None:
-    """Head side of the protocol: one request per stream."""
+def request_mac(api_key: str, asker: str, head: str) -> str:
+    """The ``auth`` field of a request from ``asker`` to ``head`` under ``api_key`` (hex)."""
+    msg = f"{PROTOCOL}|{asker}|{head}".encode()
+    return hmac.new(api_key.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def check_request_size(req: GenerationRequest, max_model_len: int) -> None:
+    """Refuse a request that cannot fit the context, before any tokenization (pure, O(prompt)).
+    Raises APIError 400."""
+    if req.prompt_token_ids is not None and len(req.prompt_token_ids) >= max_model_len:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                            f"{len(req.prompt_token_ids)}. Shorten the prompt.", param="prompt")
+    chars = len(req.prompt or "")
+    for m in req.messages or ():
+        c = m.get("content")
+        chars += len(c) if isinstance(c, str) else sum(len(str(x)) for x in c or ())
+    if chars > max_model_len * MAX_CHARS_PER_TOKEN:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; a prompt of {chars} "
+                            "characters cannot fit. Shorten the prompt.", param="prompt")
+    if req.max_tokens is not None and req.max_tokens >= max_model_len:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; max_tokens "
+                            f"{req.max_tokens} cannot fit. Lower max_tokens.", param="max_tokens")
+
+
+class GenerateGuard:
+    """Who may ask this head to generate, and how much at once (one per daemon).
+
+    ``api_key``: when set, requests must carry :func:`request_mac` for (asker, ``peer_id``).
+    ``peer_allowed(peer) -> bool``: the ``--allow-peers`` predicate (``Node.peer_allowed``).
+    ``max_per_peer``: concurrent requests per asking peer."""
+
+    def __init__(self, peer_id: str, *, api_key: str | None = None,
+                 peer_allowed: Callable[[str], bool] | None = None, max_per_peer: int = MAX_PER_PEER) -> None:
+        self.peer_id = peer_id
+        self.api_key = api_key
+        self.peer_allowed = peer_allowed
+        self.max_per_peer = max_per_peer
+        self.active: collections.Counter[str] = collections.Counter()
+        self.refused: collections.Counter[int] = collections.Counter()  # by status
+
+    def authorize(self, remote: str, body: Any) -> None:
+        """Raise APIError 403/401 unless ``remote`` may ask (cheap: a set lookup and one HMAC)."""
+        if self.peer_allowed is not None and not self.peer_allowed(remote):
+            raise APIError(403, "this head serves only the peers in its --allow-peers list")
+        if self.api_key:
+            got = body.get("auth") if isinstance(body, dict) else None
+            want = request_mac(self.api_key, remote, self.peer_id)
+            if not isinstance(got, str) or not hmac.compare_digest(got.encode(), want.encode()):
+                raise APIError(401, "this head requires its API key: start the asking peer with the same "
+                                    "--api-key as the swarm")
+
+    def check_slot(self, remote: str) -> None:
+        """APIError 429 when ``remote`` already runs ``max_per_peer`` requests."""
+        if self.active[remote] >= self.max_per_peer:
+            raise APIError(429, f"too many concurrent requests from peer {remote[:16]} (limit "
+                                f"{self.max_per_peer}); retry later", retryable=True)
+
+    @contextlib.contextmanager
+    def slot(self, remote: str):
+        """Hold one of ``remote``'s concurrent-request slots (after :meth:`check_slot`)."""
+        self.active[remote] += 1
+        try:
+            yield
+        finally:
+            self.active[remote] -= 1
+            if self.active[remote] <= 0:
+                del self.active[remote]
+
+
+async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Callable[[], Any], model_hash: str,
+                         guard: GenerateGuard | None = None) -> None:
+    """Head side of the protocol: one request per stream (limits and authorization: ``guard``)."""
     try:
-        frame = await stream.recv(timeout=30)
+        frame = await stream.recv(timeout=FIRST_FRAME_TIMEOUT)
     except (StreamClosed, FrameError, trio.TooSlowError) as e:
         log.info("dropping generate stream from %s: %s", remote, e)
         return
     try:
         if frame.type != REQUEST:
             raise APIError(400, f"expected {REQUEST}, got {frame.type}")
+        if guard is not None:
+            guard.authorize(remote, frame.body)
         if frame.get("model_hash") != model_hash:
             raise APIError(409, "model hash mismatch: this head serves another model version")
         req = GenerationRequest.from_wire(frame.get("req"))
@@ -100,11 +194,22 @@ async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Calla
         backend = backend_fn()
         if backend is None:
             raise APIError(503, "this head's engine is not ready", retryable=True)
+        engine = getattr(backend, "engine", None)
+        check_request_size(req, getattr(engine, "max_model_len", 0) or DEFAULT_CONTEXT)
+        if guard is not None:
+            guard.check_slot(remote)
     except (APIError, TypeError, ValueError) as e:
         err = e if isinstance(e, APIError) else APIError(400, f"malformed forwarded request: {e}")
+        if guard is not None:
+            guard.refused[err.status] += 1
         await _try_send(stream, ERROR, err.to_wire())
         return
+    # no await since check_slot: the slot cannot have been taken meanwhile
+    with guard.slot(remote) if guard is not None else contextlib.nullcontext():
+        await _run_request(stream, remote, backend, req)
 
+
+async def _run_request(stream: FramedStream, remote: str, backend: Any, req: GenerationRequest) -> None:
     async with trio.open_nursery() as nursery:
         async def watch_close() -> None:
             # Anything after the request (or the stream closing) means: stop.
@@ -148,11 +253,13 @@ async def _try_send(stream: FramedStream, t: str, body: Any) -> None:
 class RemoteBackend:
     """Forward requests to a head chosen by ``pick_heads()`` (best first)."""
 
-    def __init__(self, node: Any, model_name: str, model_hash: str, pick_heads: Callable[[], list[str]]) -> None:
+    def __init__(self, node: Any, model_name: str, model_hash: str, pick_heads: Callable[[], list[str]],
+                 api_key: str | None = None) -> None:
         self.node = node
         self.model_name = model_name
         self.model_hash = model_hash
         self.pick_heads = pick_heads
+        self.api_key = api_key  # signs requests for heads that require it (see the module docstring)
         self.active = 0
         self.total_requests = 0
 
@@ -164,7 +271,7 @@ class RemoteBackend:
         errors = []
         for peer in heads[:3]:
             try:
-                return await self.node.open_stream(peer, PROTOCOL, timeout=10)
+                return await self.node.open_stream(peer, PROTOCOL, timeout=10, max_frame=MAX_GENERATE_FRAME)
             except Exception as e:  # DialError and friends
                 errors.append(f"{peer[:12]}: {e}")
         raise APIError(502, "could not reach any head: " + "; ".join(errors), retryable=True)
@@ -174,7 +281,10 @@ class RemoteBackend:
         self.active += 1
         self.total_requests += 1
         try:
-            await stream.send(REQUEST, {"req": req.to_wire(), "model_hash": self.model_hash})
+            body = {"req": req.to_wire(), "model_hash": self.model_hash}
+            if self.api_key:
+                body["auth"] = request_mac(self.api_key, self.node.peer_id, stream.peer)
+            await stream.send(REQUEST, body)
             while True:
                 try:
                     frame = await stream.recv(timeout=SILENCE_TIMEOUT)

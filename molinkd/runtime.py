@@ -1,6 +1,11 @@
 """Per-daemon runtime directory: sockets, stage logs, engine stats and vLLM's scratch files.
 
-Layout: ``<tmp>/molinkd-<uid>/<pid>-<process start time>/`` (mode 0700). A daemon removes its
+Layout: ``<root>/<pid>-<process start time>/`` (mode 0700), where the root is
+``$MOLINK_RUNTIME_ROOT/molinkd-<uid>``, else ``$XDG_RUNTIME_DIR/molinkd`` (a per-user directory
+the system made), else ``<tmp>/molinkd-<uid>``. In a shared ``/tmp`` another user can create that
+name first (a directory of theirs, or a symlink to one) and read or replace our sockets: the root
+is refused unless it is a real directory owned by us and closed to group/other
+(:func:`check_private_dir`), with the fix in the message. A daemon removes its
 own directory when it stops; one that was SIGKILLed cannot, so every daemon sweeps the
 directories of daemons that no longer run when it starts. The process start time in the name
 keeps a recycled pid from protecting a dead daemon's directory.
@@ -17,6 +22,7 @@ import getpass
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +32,44 @@ import psutil
 log = logging.getLogger(__name__)
 
 
+class RuntimeDirError(PermissionError):
+    """The runtime directory is not private to this user (the message says how to fix it)."""
+
+
 def runtime_root() -> Path:
-    return Path(os.environ.get("MOLINK_RUNTIME_ROOT") or tempfile.gettempdir()) / f"molinkd-{os.getuid()}"
+    if os.environ.get("MOLINK_RUNTIME_ROOT"):
+        return Path(os.environ["MOLINK_RUNTIME_ROOT"]) / f"molinkd-{os.getuid()}"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "molinkd"
+    return Path(tempfile.gettempdir()) / f"molinkd-{os.getuid()}"
+
+
+def check_private_dir(path: Path) -> None:
+    """Raise RuntimeDirError unless ``path`` is a directory (not a symlink) owned by this user and
+    not writable by group/other (one only readable by them is closed to mode 0700). Checked with ``lstat``: a symlink planted by someone else is refused,
+    not followed."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise RuntimeDirError(f"runtime directory {path} is a symlink (to {os.readlink(path)}); someone could "
+                              f"redirect this daemon's sockets. Remove it (rm {path}) or set MOLINK_RUNTIME_ROOT "
+                              "to a private directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise RuntimeDirError(f"runtime directory {path} is not a directory; remove it or set MOLINK_RUNTIME_ROOT")
+    if st.st_uid != os.getuid():
+        raise RuntimeDirError(f"runtime directory {path} belongs to uid {st.st_uid}, not to this user "
+                              f"({os.getuid()}): another user may have created it to read this daemon's "
+                              "sockets. Set MOLINK_RUNTIME_ROOT (or XDG_RUNTIME_DIR) to a directory of your own")
+    if st.st_mode & 0o022:
+        raise RuntimeDirError(f"runtime directory {path} is writable by other users (mode "
+                              f"{stat.S_IMODE(st.st_mode):o}): they could plant files in it. Check its contents, "
+                              f"then fix it with: chmod 700 {path}")
+    if st.st_mode & 0o077:  # ours, only readable by others: close it (through the fd, no symlink race)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
 
 def _tag(pid: int) -> str | None:
@@ -64,9 +106,13 @@ def sweep(root: Path) -> list[str]:
 
 @contextlib.contextmanager
 def runtime_dir() -> Iterator[Path]:
-    """Create this process's runtime directory (after sweeping dead ones); remove it on exit."""
+    """Create this process's runtime directory (after sweeping dead ones); remove it on exit.
+    Raises RuntimeDirError if the root is not private to this user."""
     root = runtime_root()
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    check_private_dir(root)
     sweep(root)
     path = root / (_tag(os.getpid()) or str(os.getpid()))
     shutil.rmtree(path, ignore_errors=True)

@@ -35,7 +35,7 @@ from molinkd.api import create_app, serve_http
 from molinkd.config import DaemonConfig
 from molinkd.engine.driver import EngineOptions, LocalBackend, LocalEngine
 from molinkd.forward import PROTOCOL as GENERATE_PROTOCOL
-from molinkd.forward import RemoteBackend, serve_generate
+from molinkd.forward import MAX_GENERATE_FRAME, GenerateGuard, RemoteBackend, serve_generate
 from molinkd.model import ModelError, ModelInfo, load_model_info
 
 log = logging.getLogger("molinkd")
@@ -343,6 +343,7 @@ class Daemon:
             "coverage": cov.to_dict() if cov else None,
             "engine_rss_mb": _children_rss_mb(),
             "bootstrap": self.node.bootstrap_status() if self.node else [],
+            "perimeter": self.node.limits_status() if self.node else None,
             "nat": self.nat.status() if self.nat else None,
             "discovery": self.disc.stats if self.disc else {},
             "peers": peers,
@@ -732,13 +733,14 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
                  task_status) -> None:
     from molinkd.bridge import STAGE_PROTOCOL, serve_dial_socket
     from p2p.discovery import Discovery
-    from p2p.host import NodeConfig, open_node
+    from p2p.host import NodeConfig, open_node, read_allow_peers
 
     d = Daemon(cfg, model, runtime_dir)
     app = create_app(d.current_backend, d.status, api_key=cfg.api_key, metrics=metrics.attach(d),
                      ready_fn=d.readiness)
     node_cfg = NodeConfig(listen=tuple(cfg.listen), announce=tuple(cfg.announce), bootstrap=tuple(cfg.bootstrap),
-                          identity_path=cfg.identity, swarm_key_path=cfg.swarm_key)
+                          identity_path=cfg.identity, swarm_key_path=cfg.swarm_key,
+                          allow_peers=read_allow_peers(cfg.allow_peers) if cfg.allow_peers else None)
     async with open_node(node_cfg) as node, trio.open_nursery() as nursery:
         d.node = node
         d.metrics.peer_id = node.peer_id
@@ -755,11 +757,13 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
         await nursery.start(_supervise_nat, d)
         d.disc = Discovery(node, model.model_hash, d.record_fields, period=cfg.announce_period)
         await nursery.start(d.disc.run)
-        d.remote = RemoteBackend(node, model.name, model.model_hash, d.head_candidates)
+        d.remote = RemoteBackend(node, model.name, model.model_hash, d.head_candidates, api_key=cfg.api_key)
+        guard = GenerateGuard(node.peer_id, api_key=cfg.api_key, peer_allowed=node.peer_allowed)
         node.set_stream_handler(
             GENERATE_PROTOCOL,
             lambda s, remote: serve_generate(s, remote, backend_fn=lambda: None if d.draining else d.backend,
-                                             model_hash=model.model_hash))
+                                             model_hash=model.model_hash, guard=guard),
+            max_frame=MAX_GENERATE_FRAME)
         await nursery.start(lambda task_status: serve_dial_socket(
             node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial, task_status=task_status))
         nursery.start_soon(_rtt_loop, d)
@@ -872,9 +876,9 @@ def run(cfg: DaemonConfig) -> int:
             return 1
         if isinstance(inner, KeyboardInterrupt):
             return 130
-        from p2p.host import IdentityError, SwarmKeyError
+        from p2p.host import AllowListError, IdentityError, IdentityInUse, SwarmKeyError
 
-        if isinstance(inner, (IdentityError, SwarmKeyError, OSError)):
+        if isinstance(inner, (IdentityError, IdentityInUse, AllowListError, SwarmKeyError, OSError)):
             sys.stderr.write(f"molinkd: {type(inner).__name__}: {inner}\n")
             return 1
         raise

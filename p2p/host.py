@@ -1,7 +1,7 @@
 """The libp2p host: identity, Noise-only security, yamux, optional swarm key, pubsub, dials.
 
-This is the only module that imports libp2p (besides :mod:`p2p.nat`). Everything above it sees
-peer ids and multiaddrs as strings, streams as :class:`p2p.streams.FramedStream` and pubsub as
+This is the only module that imports libp2p (besides :mod:`p2p.nat` and :mod:`p2p.perimeter`).
+Everything above it sees peer ids and multiaddrs as strings, streams as :class:`p2p.streams.FramedStream` and pubsub as
 ``bytes`` in / ``(bytes, source peer id)`` out, so protocol logic can be tested without libp2p.
 
 Usage::
@@ -17,10 +17,32 @@ sit in a 60 s negative dial cache (we own the reconnect loop and evict the cache
 attempt); a wrong swarm key stalls the handshake (bounded by ``handshake_timeout``); gossipsub's
 per-forwarder rate limit of 10 msg/s would drop announcements in swarms over ~20 peers (raised);
 importing libp2p makes its loggers print bare warnings (:func:`configure_libp2p_logging`).
+
+Perimeter (a peer id costs nothing, so every limit is per peer; see :class:`NodeConfig`):
+
+- ``allow_peers``: only listed peer ids may connect (a connection notifee closes the others, since
+  py-libp2p gates by IP only), open streams (refused before protocol negotiation) or have pubsub
+  messages delivered (checked on the signer in :meth:`Node.subscribe`). :meth:`Node.peer_allowed`.
+- Streams: at most ``max_streams_per_peer`` inbound streams per peer are accepted by the muxer
+  (counted before protocol negotiation: a flood of half-open streams is refused at once instead of
+  queueing behind py-libp2p's global stream semaphore, which we disable), and at most
+  ``max_streams_per_protocol`` concurrent handler runs per peer per protocol; excess streams are
+  reset at once with a rate-limited log line.
+- Bytes in flight: py-libp2p's yamux does not enforce its own receive window (a peer that ignores it
+  is buffered without bound). :class:`BoundedYamux` closes the connection of a peer whose unread
+  bytes exceed ``max_buffered_bytes_per_peer``.
+- Pubsub: gossipsub's per-forwarder rate limit is back near its default
+  (``gossip_max_msgs_per_second``); a forwarder over ``gossip_max_msgs_per_forwarder`` is dropped
+  before any signature check, and each signer is held to ``gossip_source_rate`` messages/s
+  (burst ``gossip_source_burst``) before the topic validator runs.
+- Key files (identity, swarm key, allow list) are opened with ``O_NOFOLLOW``; an identity readable
+  or writable by group/other is refused; the identity is locked (:class:`IdentityLock`) so two
+  daemons cannot run as one peer id.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -28,6 +50,7 @@ import os
 import random
 import re
 import socket
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +112,20 @@ from libp2p.tools.anyio_service import background_trio_service  # noqa: E402
 
 configure_libp2p_logging()
 
+from p2p.perimeter import (  # noqa: E402  (after libp2p's logging is configured)
+    AllowListError,
+    AllowNotifee,
+    GatedPubsub,
+    IdentityInUse,
+    IdentityLock,
+    PeerResources,
+    TokenBucket,
+    limit_log,
+    read_allow_peers,
+    read_key_file,
+    use_bounded_yamux,
+)
+
 GOSSIPSUB_PROTOCOLS = ["/meshsub/1.1.0", "/meshsub/1.0.0"]
 
 
@@ -131,22 +168,54 @@ class NodeConfig:
     bootstrap_check_interval: float = 1.0
     gossip_degree: int = 6
     gossip_heartbeat: int = 1
-    gossip_max_msgs_per_second: float = 1000.0
+    # gossipsub's own limit (py-libp2p default 10): messages per second per forwarder per topic that
+    # we relay further (delivery to our subscribers is not limited by it)
+    gossip_max_msgs_per_second: float = 20.0
+    # dropped before any signature check: a forwarder sending more new messages per second than this
+    gossip_max_msgs_per_forwarder: float = 200.0
+    # per signer (token bucket), before the topic validator: a daemon announces every 2 s, bursts
+    # of announce_now are coalesced to one per 0.5 s
+    gossip_source_rate: float = 5.0
+    gossip_source_burst: float = 20.0
+    # None: any peer; else only these peer ids may connect, open streams, publish
+    allow_peers: frozenset[str] | None = None
+    max_streams_per_peer: int = 256  # inbound streams open at once, all protocols
+    max_streams_per_protocol: int = 64  # concurrent handler runs per peer per protocol
+    max_buffered_bytes_per_peer: int = 128 << 20  # unread bytes buffered by the muxer per peer
+    lock_identity: bool = True  # hold an flock on identity_path for the node's lifetime
 
 
 # ----------------------------------------------------------------------------------- identity
 
 
+def check_private_file(path: Path, what: str) -> None:
+    """Refuse a secret file that group/other can read or write, or that another user owns."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise IdentityError(f"{what} {path} is a symlink; point the flag at the real file")
+    if st.st_uid != os.getuid():
+        raise IdentityError(f"{what} {path} belongs to uid {st.st_uid}, not to this user ({os.getuid()}); "
+                            f"use a file of your own (chown, or another --identity)")
+    if st.st_mode & 0o066:
+        raise IdentityError(f"{what} {path} can be read or written by other users (mode "
+                            f"{stat.S_IMODE(st.st_mode):o}); fix it with: chmod 600 {path}")
+
+
 def load_or_create_identity(path: Path | None) -> KeyPair:
     """Load the Ed25519 key at ``path``, or create it (parents made, mode 0600, atomic write).
 
-    Raises IdentityError if the file exists but is not a valid key (it is never overwritten).
+    Raises IdentityError if the file exists but is not a valid key (it is never overwritten), is a
+    symlink, or can be read by group/other (the message says ``chmod 600 FILE``).
     """
     if path is None:
         return _new_ed25519()
     path = Path(path)
-    if path.exists():
-        data = path.read_bytes()
+    if path.exists() or path.is_symlink():
+        check_private_file(path, "identity file")
+        try:
+            data = read_key_file(path, "identity file")
+        except OSError as e:
+            raise IdentityError(f"cannot read identity file {path}: {e.strerror or e}") from None
         try:
             priv = deserialize_private_key(data)
         except Exception as e:
@@ -155,7 +224,7 @@ def load_or_create_identity(path: Path | None) -> KeyPair:
     kp = _new_ed25519()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, kp.private_key.serialize())
         os.fsync(fd)
@@ -172,7 +241,10 @@ def peer_id_of(key_pair: KeyPair) -> str:
 
 def read_swarm_key(path: Path) -> str:
     """Return the 64-hex-char pre-shared key from an IPFS-style ``swarm.key`` or a bare hex file."""
-    text = Path(path).read_text().strip()
+    try:
+        text = read_key_file(Path(path), "swarm key", max_bytes=4096).decode("utf-8", "replace").strip()
+    except OSError as e:
+        raise SwarmKeyError(f"cannot read the swarm key {path}: {e.strerror or e}") from None
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines and lines[0].startswith("/key/swarm/psk/"):
         if len(lines) != 3 or lines[1] != "/base16/":
@@ -318,6 +390,30 @@ class Node:
         # every address incl. circuits (host.connect drops circuits, dials one TCP addr).
         self.addrs_hook: Callable[[list[str]], list[str]] | None = None
         self.dial_hook: Callable[[str, Sequence[str], float], Awaitable[Any]] | None = None
+        self.resources: PeerResources | None = None  # set by open_node
+        self.refused_connections = 0
+        self._handler_runs: collections.Counter[tuple[str, str]] = collections.Counter()  # (peer, protocol)
+        self.refused_streams: collections.Counter[str] = collections.Counter()  # protocol -> count
+        self._source_bucket = TokenBucket(cfg.gossip_source_rate, cfg.gossip_source_burst)
+        self.dropped_source_rate = 0
+
+    def peer_allowed(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` may connect, open streams and publish (``--allow-peers``; everyone
+        when no list is set). One set lookup: cheap enough for every stream and message."""
+        allow = self.cfg.allow_peers
+        return allow is None or peer_id == self.peer_id or peer_id in allow
+
+    def limits_status(self) -> dict[str, Any]:
+        """Counters of what the perimeter refused (for /status)."""
+        res = self.resources
+        return {
+            "allow_peers": len(self.cfg.allow_peers) if self.cfg.allow_peers is not None else None,
+            "refused_connections": self.refused_connections,
+            "refused_streams": dict(res.refused) if res else {},
+            "refused_streams_by_protocol": dict(self.refused_streams),
+            "dropped_pubsub_forwarder_rate": getattr(self.pubsub, "dropped_forwarder_rate", 0),
+            "dropped_pubsub_source_rate": self.dropped_source_rate,
+        }
 
     @property
     def host(self) -> Any:
@@ -401,7 +497,8 @@ class Node:
             raise DialError(f"cannot connect to {peer_id} at {[str(m) for m in maddrs] or 'known addrs'}: {_cause(e)}") from e
 
     async def open_stream(
-        self, peer_id: str, protocol_id: str, addrs: Sequence[str] | None = None, timeout: float = 10.0
+        self, peer_id: str, protocol_id: str, addrs: Sequence[str] | None = None, timeout: float = 10.0,
+        max_frame: int | None = None,
     ) -> FramedStream:
         """Open a stream for ``protocol_id`` to ``peer_id`` (connecting first if needed).
 
@@ -414,30 +511,52 @@ class Node:
                 raw = await self._host.new_stream(ID.from_base58(peer_id), [protocol_id])
             except Exception as e:
                 raise DialError(f"cannot open {protocol_id} stream to {peer_id}: {_cause(e)}") from e
-            return FramedStream(raw, peer=peer_id)
+            return FramedStream(raw, peer=peer_id, **({} if max_frame is None else {"max_frame": max_frame}))
         assert scope.cancelled_caught
         raise DialError(f"opening {protocol_id} stream to {peer_id} timed out after {timeout:.1f}s")
 
-    def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+    def set_stream_handler(self, protocol_id: str, handler: StreamHandler, *, max_frame: int | None = None,
+                           max_per_peer: int | None = None) -> None:
         """Serve ``protocol_id``: ``await handler(stream, remote_peer_id)`` per incoming stream.
 
         Each stream already runs in its own task (libp2p spawns one per stream). The stream is
         closed when the handler returns; exceptions are logged, never propagated to the host.
+        A peer not allowed (``allow_peers``), or already running ``max_per_peer`` (default
+        ``cfg.max_streams_per_protocol``) handlers of this protocol, has its stream reset at once.
+        ``max_frame`` bounds the frames read from the stream (default: p2p.framing's).
+        Per-stream cost: one set lookup and one counter update.
         """
+        cap = self.cfg.max_streams_per_protocol if max_per_peer is None else max_per_peer
+        frame_kw = {} if max_frame is None else {"max_frame": max_frame}
 
         async def _on_stream(raw: Any) -> None:
             try:
                 remote = raw.muxed_conn.peer_id.to_base58()
             except Exception:
                 remote = "?"
-            fs = FramedStream(raw, peer=remote)
+            key = (remote, protocol_id)
+            if not self.peer_allowed(remote) or self._handler_runs[key] >= cap:
+                self.refused_streams[protocol_id] += 1
+                why = "not in --allow-peers" if not self.peer_allowed(remote) else f"{cap} streams already running"
+                limit_log.warning(f"proto:{remote}:{protocol_id}", "reset a %s stream from %s: %s", protocol_id,
+                                   remote, why)
+                with contextlib.suppress(Exception):
+                    await raw.reset()
+                return
+            self._handler_runs[key] += 1
+            fs = FramedStream(raw, peer=remote, **frame_kw)
             try:
                 await handler(fs, remote)
             except Exception as e:
-                log.warning("handler for %s from %s failed: %s: %s", protocol_id, remote, type(e).__name__, e)
+                limit_log.warning(f"fail:{remote}:{protocol_id}", "handler for %s from %s failed: %s: %s",
+                                   protocol_id, remote, type(e).__name__, e)
                 with contextlib.suppress(Exception):
                     await raw.reset()
             finally:
+                if self._handler_runs[key] <= 1:
+                    del self._handler_runs[key]
+                else:
+                    self._handler_runs[key] -= 1
                 await fs.close()
 
         self._host.set_stream_handler(protocol_id, _on_stream)
@@ -462,17 +581,28 @@ class Node:
     async def subscribe(self, topic: str, validator: PubsubValidator | None = None) -> Subscription:
         """Subscribe to ``topic``. ``validator(data, source_peer_id) -> bool`` runs on every
         message (ours included) before delivery and forwarding: False drops it (not relayed).
-        Drain the subscription promptly: libp2p's queue holds only 32 messages."""
-        if validator is not None:
+        Drain the subscription promptly: libp2p's queue holds only 32 messages.
 
-            def _v(forwarder: Any, msg: Any) -> bool:
-                try:
-                    return bool(validator(bytes(msg.data), ID(msg.from_id).to_base58()))
-                except Exception as e:  # a validator bug must not break the pubsub loop
-                    log.warning("pubsub validator for %s raised %s: %s", topic, type(e).__name__, e)
-                    return False
+        Before ``validator``, every message from another signer is dropped if the signer is not
+        allowed (``allow_peers``) or publishes faster than ``gossip_source_rate`` (token bucket)."""
 
-            self.pubsub.set_topic_validator(topic, _v, False)
+        def _v(forwarder: Any, msg: Any) -> bool:
+            try:
+                source = ID(msg.from_id).to_base58()
+                if source != self.peer_id:
+                    if not self.peer_allowed(source):
+                        return False
+                    if not self._source_bucket.allow(source):
+                        self.dropped_source_rate += 1
+                        limit_log.warning(f"src:{source}", "peer %s publishes faster than %.0f/s on %s: dropping",
+                                           source, self._source_bucket.rate, topic)
+                        return False
+                return validator is None or bool(validator(bytes(msg.data), source))
+            except Exception as e:  # a validator bug must not break the pubsub loop
+                log.warning("pubsub validator for %s raised %s: %s", topic, type(e).__name__, e)
+                return False
+
+        self.pubsub.set_topic_validator(topic, _v, False)
         return Subscription(await self.pubsub.subscribe(topic))
 
     async def publish(self, topic: str, data: bytes) -> None:
@@ -532,6 +662,17 @@ async def open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
     its connections and all background tasks. Raises IdentityError / SwarmKeyError for bad
     key files, ValueError for a malformed address, OSError if a listen address cannot be bound.
     """
+    lock = IdentityLock(cfg.identity_path).acquire() if cfg.identity_path and cfg.lock_identity else None
+    try:
+        async with _open_node(cfg) as node:
+            yield node
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.asynccontextmanager
+async def _open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
     key_pair = load_or_create_identity(cfg.identity_path)
     psk = read_swarm_key(cfg.swarm_key_path) if cfg.swarm_key_path else None
     listen = [multiaddr.Multiaddr(a) for a in cfg.listen]
@@ -563,7 +704,12 @@ async def open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
         heartbeat_interval=cfg.gossip_heartbeat,
         max_messages_per_topic_per_second=cfg.gossip_max_msgs_per_second,
     )
-    pubsub = Pubsub(host, gossipsub, strict_signing=True)
+    use_bounded_yamux(host, cfg.max_buffered_bytes_per_peer)
+    pubsub = GatedPubsub(host, gossipsub, strict_signing=True, forwarder_rate=cfg.gossip_max_msgs_per_forwarder)
+    holder: list[Node] = []
+    resources = PeerResources(cfg, lambda peer: holder[0].peer_allowed(peer) if holder else cfg.allow_peers is None)
+    # no global stream semaphore: it queues everyone's streams behind one peer's flood
+    host.get_network().set_resource_manager(resources, enable_stream_semaphore=False)
 
     async with host.run(listen_addrs=listen):
         async with background_trio_service(pubsub), background_trio_service(gossipsub):
@@ -571,6 +717,10 @@ async def open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
                 await pubsub.wait_until_ready()
             async with trio.open_nursery() as nursery:
                 node = Node(cfg, host, key_pair, pubsub, nursery)
+                node.resources = resources
+                holder.append(node)
+                if cfg.allow_peers is not None:
+                    host.get_network().register_notifee(AllowNotifee(node))
                 for st, addr in boots:
                     if st.peer_id == node.peer_id:
                         continue  # a node listed as its own bootstrap
@@ -592,7 +742,10 @@ async def open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
 
 
 __all__ = [
+    "AllowListError",
     "DialError",
+    "IdentityInUse",
+    "IdentityLock",
     "IdentityError",
     "Node",
     "NodeConfig",
@@ -602,6 +755,7 @@ __all__ = [
     "expand_addrs",
     "load_or_create_identity",
     "open_node",
+    "read_allow_peers",
     "read_swarm_key",
     "split_p2p_addr",
     "write_swarm_key",

@@ -20,7 +20,12 @@ What runs:
   dials addresses on the IP it sees us connect from (no scanning on anyone's behalf)
   and answers within :attr:`NatConfig.dialback_timeout`. One confirmed address
   makes us ``public``; failures from every asked peer make us ``private``.
-* Relay service (HOP) with limits on ``public`` nodes (``relay_service=True``).
+* Relay service (HOP) with limits on ``public`` nodes (``relay_service=True``): a relay carries
+  strangers' traffic, so every circuit ends after ``circuit_duration`` seconds or ``circuit_data``
+  bytes (both directions together; the peers redial, DCUtR may go direct), at most
+  ``max_circuits_per_peer`` circuits run to one reserved peer, ``max_reservations`` reservations in
+  all (one per peer id), and one peer may run at most ``max_hop_streams_per_peer`` HOP streams
+  (reservations and circuits it opens) at once: more are reset before the library reads them.
 * Reservations on up to ``reservations`` relays while not ``public``; the circuit
   addresses ``<relay addr>/p2p/<relay>/p2p-circuit/p2p/<us>`` are advertised.
 * DCUtR on every node: a relayed connection is upgraded to a direct one when both
@@ -99,13 +104,15 @@ class NatConfig:
     announce: tuple[str, ...] = ()  # addresses advertised although not listened on
     dcutr: bool = True
     dcutr_dial_timeout: int = 2  # DCUtR waits this long on each candidate address
-    # relay limits (per relay node)
+    # relay limits (per relay node). Relays carry our pipelines behind symmetric NATs, so the
+    # limits are generous next to go-libp2p's hole-punch-only defaults (2 min, 128 KiB), yet bounded.
     max_reservations: int = 128
-    max_circuits_per_peer: int = 16
-    circuit_duration: int = 0  # seconds per relayed connection, 0 = unlimited
-    # bytes per relayed connection. NOT 0: py-libp2p 0.8.1 treats data=0 as "no
+    max_circuits_per_peer: int = 16  # concurrent circuits to one reserved peer
+    max_hop_streams_per_peer: int = 8  # concurrent HOP streams (reserve/connect) from one peer
+    circuit_duration: int = 3600  # seconds per relayed connection (0 = unlimited)
+    # bytes per relayed connection, both directions. NOT 0: py-libp2p 0.8.1 treats data=0 as "no
     # budget" in its per-reservation fallback and resets the circuit on the first byte.
-    circuit_data: int = 1 << 40
+    circuit_data: int = 1 << 30
     reservation_ttl: int = 3600
     # timing
     dialback_timeout: float = 3.0
@@ -163,6 +170,10 @@ def connection_kind(host: Any, peer_id: ID) -> str | None:
     conns = host.get_network().connections.get(peer_id) or []
     if not isinstance(conns, list):
         conns = [conns]
+    # a closed connection lingers in the table for a while (e.g. a circuit the relay just cut at its
+    # limit): it must not make connect() skip the redial
+    conns = [c for c in conns if not getattr(c, "is_closed", False)
+             and not getattr(getattr(c, "muxed_conn", None), "is_closed", False)]
     kinds = [all(is_circuit(a) for a in _conn_addrs(c)) and bool(_conn_addrs(c)) for c in conns]
     if not kinds:
         return None
@@ -292,6 +303,8 @@ class NatService:
         self._relay_backoff: dict[ID, float] = {}
         self._relay_failures: dict[ID, int] = {}
         self._dialback_served: dict[ID, float] = {}  # requester -> last time (rate limit)
+        self._hop_streams: dict[ID, int] = {}  # peer -> HOP streams running (relay service)
+        self.hop_refused = 0
         self._changed = trio.Event()
         self.events: list[tuple[float, str, str]] = []  # (time, event, detail), bounded
 
@@ -396,6 +409,8 @@ class NatService:
             "reachability": self.reachability.value,
             "verified_addrs": list(self.verified_addrs),
             "serving_relay": self.serving_relay,
+            "relay_limits": self.relay_limits() if self.serving_relay else None,
+            "hop_refused": self.hop_refused,
             "reservations": {str(k): v[1] for k, v in self._reservations.items()},
             "advertised_addrs": self.advertised_addrs(),
             "hole_punch": None if self.dcutr is None else {
@@ -439,7 +454,7 @@ class NatService:
         want = self.config.relay_service and self.reachability is Reachability.PUBLIC
         if want and not self.serving_relay:
             self.protocol.allow_hop = True
-            self.host.set_stream_handler(HOP_PROTOCOL_ID, self.protocol._handle_hop_stream)
+            self.host.set_stream_handler(HOP_PROTOCOL_ID, self._handle_hop)
             self.serving_relay = True
             self._event("relay-service", "on")
         elif not want and self.serving_relay:
@@ -447,6 +462,39 @@ class NatService:
             self.protocol.allow_hop = False
             self.serving_relay = False
             self._event("relay-service", "off")
+
+    async def _handle_hop(self, stream: Any) -> None:
+        """The library's HOP handler behind a per-peer cap on concurrent HOP streams."""
+        try:
+            peer = stream.muxed_conn.peer_id
+        except Exception:
+            peer = None
+        running = self._hop_streams.get(peer, 0)
+        if peer is None or running >= self.config.max_hop_streams_per_peer:
+            self.hop_refused += 1
+            log.debug("relay: resetting a HOP stream from %s (%d running)", peer, running)
+            try:
+                await stream.reset()
+            except Exception:
+                pass
+            return
+        self._hop_streams[peer] = running + 1
+        try:
+            await self.protocol._handle_hop_stream(stream)
+        finally:
+            left = self._hop_streams.get(peer, 1) - 1
+            if left <= 0:
+                self._hop_streams.pop(peer, None)
+            else:
+                self._hop_streams[peer] = left
+
+    def relay_limits(self) -> dict[str, int]:
+        """The limits the relay service enforces (read back from the library's objects)."""
+        lim = self.protocol.limits
+        return {"circuit_duration": lim.duration, "circuit_data": lim.data,
+                "max_circuits_per_peer": lim.max_circuit_conns, "max_reservations": lim.max_reservations,
+                "reservation_ttl": lim.reservation_ttl,
+                "max_hop_streams_per_peer": self.config.max_hop_streams_per_peer}
 
     # dial-back: server side
     async def _handle_dialback(self, stream: Any) -> None:
