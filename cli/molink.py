@@ -1,4 +1,5 @@
-"""``molink``: the operator's client. ``molink status [--api URL] [--json]`` shows the swarm."""
+"""``molink``: the operator's client. ``molink status [--api URL] [--json]`` shows the swarm;
+``molink bench`` measures a swarm against a single node on this machine (molinkd/bench)."""
 
 from __future__ import annotations
 
@@ -106,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", action="store_true", help="print /status as JSON")
     s.add_argument("--api-key", default=os.environ.get("MOLINK_API_KEY"))
     s.add_argument("--timeout", type=float, default=5.0)
+    from molinkd.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "bench":
+        from molinkd.bench.cli import run_from_args
+
+        return run_from_args(args)
     try:
         st = _fetch(args.api, "/status", args.api_key, args.timeout)
     except urllib.error.HTTPError as e:
