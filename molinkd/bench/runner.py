@@ -15,10 +15,12 @@ removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,9 +141,11 @@ async def check_links(client: httpx.AsyncClient, peers: list[DaemonProc], o: Ben
     return seen
 
 
-async def run_swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores: list[list[int]],
-                    num_layers: int) -> list[Setup]:
-    """Start the swarm, measure it (at 0 ms, then with the asked link), stop it."""
+@contextlib.asynccontextmanager
+async def swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores: list[list[int]],
+                num_layers: int) -> AsyncIterator[tuple[list[DaemonProc], list[WanLink]]]:
+    """Start the N-stage swarm (links at 0 ms), wait until its head serves, yield (peers head
+    first, links); stop every daemon and link on the way out."""
     from molinkd.bench.procs import free_port
 
     spans = spans_for(num_layers, o.stages)
@@ -173,34 +177,41 @@ async def run_swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, co
                 _say(f"stage {i} layers {s}:{e} on cores {cores[i]}: peer {d.peer_id[:16]}"
                      + (f" behind link :{link.port}" if link else ""))
                 nxt, nxt_link = d, link
-            head = peers[0]
             _say("loading the swarm...")
             for d in peers[1:]:
                 await wait_status(client, d, lambda st: bool(st.get("ready")), "ready stage", READY_TIMEOUT)
-            await wait_status(client, head, lambda st: (st.get("engine") or {}).get("state") == "ready",
+            await wait_status(client, peers[0], lambda st: (st.get("engine") or {}).get("state") == "ready",
                               "ready pipeline engine", READY_TIMEOUT)
-            plain = Setup(f"swarm {o.stages}x" + (" 0 ms" if o.linked else ""))
-            await _measure(client, head, o, plain)
-            plain.info = await _pipeline_info(client, head)
-            out = [plain]
-            if o.linked:
-                bytes_before = [lk.bytes_forwarded for lk in links]
-                for lk in links:
-                    lk.set(rtt_ms=o.rtt_ms, rate_mbit=o.rate_mbit)
-                seen = await check_links(client, peers, o) if o.rtt_ms > 0 else []
-                delayed = Setup(f"swarm {o.stages}x {o.rtt_ms:g} ms" + (f" {o.rate_mbit:g} Mbit" if o.rate_mbit else ""))
-                await _measure(client, head, o, delayed)
-                delayed.info = await _pipeline_info(client, head)
-                delayed.info["link_rtt_ms_seen"] = seen
-                delayed.info["link_bytes"] = [lk.bytes_forwarded - b for lk, b in zip(links, bytes_before)]
-                if min(delayed.info["link_bytes"]) <= 0:
-                    raise BenchError("no bytes crossed an emulated link during the measurement: "
-                                     "the stages talk to each other some other way")
-                out.append(delayed)
-            return out
+            yield peers, links
         finally:
             procs.stop_all()
             nursery.cancel_scope.cancel()
+
+
+async def run_swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores: list[list[int]],
+                    num_layers: int) -> list[Setup]:
+    """Measure the swarm at 0 ms, then (with a link) with the asked delay and rate."""
+    async with swarm(client, procs, o, cores, num_layers) as (peers, links):
+        head = peers[0]
+        plain = Setup(f"swarm {o.stages}x" + (" 0 ms" if o.linked else ""))
+        await _measure(client, head, o, plain)
+        plain.info = await _pipeline_info(client, head)
+        out = [plain]
+        if o.linked:
+            bytes_before = [lk.bytes_forwarded for lk in links]
+            for lk in links:
+                lk.set(rtt_ms=o.rtt_ms, rate_mbit=o.rate_mbit)
+            seen = await check_links(client, peers, o) if o.rtt_ms > 0 else []
+            delayed = Setup(f"swarm {o.stages}x {o.rtt_ms:g} ms" + (f" {o.rate_mbit:g} Mbit" if o.rate_mbit else ""))
+            await _measure(client, head, o, delayed)
+            delayed.info = await _pipeline_info(client, head)
+            delayed.info["link_rtt_ms_seen"] = seen
+            delayed.info["link_bytes"] = [lk.bytes_forwarded - b for lk, b in zip(links, bytes_before)]
+            if min(delayed.info["link_bytes"]) <= 0:
+                raise BenchError("no bytes crossed an emulated link during the measurement: "
+                                 "the stages talk to each other some other way")
+            out.append(delayed)
+        return out
 
 
 async def _pipeline_info(client: httpx.AsyncClient, head: DaemonProc) -> dict:

@@ -319,6 +319,19 @@ class PipelineExecutor(Executor):
         from p2p.tensors import to_wire
 
         self.check_health()
+        if scheduler_output.total_num_scheduled_tokens == 0 and not self._unsent and says_nothing(scheduler_output):
+            # vLLM fills free batch-queue slots with empty steps; one that frees nothing and
+            # schedules nothing changes no worker's state: it costs a frame and a step on every
+            # stage for nothing
+            from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+            self.stats["empty_skipped"] = self.stats.get("empty_skipped", 0) + 1
+            out = EMPTY_MODEL_RUNNER_OUTPUT
+            if non_block:
+                done: Future = Future()
+                done.set_result(out)
+                return done
+            return out
         step = next(self._step_ids)
         sched = schedwire.encode_scheduler_output(scheduler_output)
         t0 = time.perf_counter()
@@ -492,6 +505,15 @@ class PipelineExecutor(Executor):
         for fut, _ in items:
             if not fut.done():
                 fut.set_exception(PipelineError(msg))
+
+
+def says_nothing(so: Any) -> bool:
+    """Whether a scheduler output with no tokens also frees, preempts, zeroes and copies nothing
+    (then no worker needs to see it)."""
+    cached = so.scheduled_cached_reqs
+    return not (so.scheduled_new_reqs or cached.req_ids or so.finished_req_ids or so.free_encoder_mm_hashes
+                or so.preempted_req_ids or so.new_block_ids_to_zero or so.kv_cache_block_copies
+                or so.scheduled_encoder_inputs or so.scheduled_spec_decode_tokens)
 
 
 def head_env(*, omp_threads: int | None = 1, kv_cache_gib: int | None = 1) -> dict[str, str]:

@@ -152,3 +152,36 @@ def test_micro_batch_split():
     # in-flight requests (not ready) and prefills do not count and are never held
     assert split_ready([False, True, True, True], [True, False, True, True], 1) == [3]
     assert split_ready([False, False], [True, True], 1) == []
+
+
+def test_empty_steps_that_say_nothing_are_recognised():
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from molinkd.engine.head import says_nothing
+
+    so = SchedulerOutput.make_empty()
+    assert says_nothing(so)
+    so.finished_req_ids = {"r1"}  # a finished request must reach every stage (it frees state there)
+    assert not says_nothing(so)
+    so = SchedulerOutput.make_empty()
+    so.preempted_req_ids = {"r2"}
+    assert not says_nothing(so)
+
+
+def test_pipeline_depth_defaults_and_override(monkeypatch):
+    from molinkd.engine.head import DEPTH_ENV, default_depth, pipeline_engine_kwargs
+
+    route = [{"peer": "a", "addr": "", "start": 0, "end": 15}, {"peer": "b", "addr": "p2p:b", "start": 15, "end": 30}]
+    monkeypatch.delenv(DEPTH_ENV, raising=False)
+    assert default_depth(2) == 3
+    kw = pipeline_engine_kwargs(route)
+    assert kw["pipeline_parallel_size"] == 3 and kw["additional_config"]["molink_pipeline"]["depth"] == 3
+    assert kw["scheduler_cls"].endswith("MicroBatchScheduler")
+    assert pipeline_engine_kwargs(route, depth=5)["pipeline_parallel_size"] == 5
+    with pytest.raises(ValueError, match="at least 2"):
+        pipeline_engine_kwargs(route, depth=1)
+    monkeypatch.setenv(DEPTH_ENV, "4")
+    assert pipeline_engine_kwargs(route)["pipeline_parallel_size"] == 4
+    monkeypatch.setenv(DEPTH_ENV, "one")
+    with pytest.raises(ValueError, match=DEPTH_ENV):
+        pipeline_engine_kwargs(route)
