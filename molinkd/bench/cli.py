@@ -16,6 +16,16 @@ def _batches(v: str) -> tuple[int, ...]:
     return out
 
 
+def _spans(v: str) -> tuple[tuple[int, int], ...]:
+    try:
+        out = tuple(tuple(int(x) for x in part.split(":")) for part in v.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r}: expected spans like 0:17,17:30") from None
+    if any(len(p) != 2 for p in out):
+        raise argparse.ArgumentTypeError(f"{v!r}: expected spans like 0:17,17:30")
+    return out  # type: ignore[return-value]
+
+
 def _nonneg(v: str) -> float:
     try:
         x = float(v)
@@ -58,6 +68,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--rate-mbit", type=_positive(float), default=None, help="rate limit of that link (Mbit/s)")
     b.add_argument("--depth", type=_positive(int), default=None,
                    help="pipeline depth (micro-batches in flight) for the head; default: the head's choice")
+    b.add_argument("--spans", type=_spans, default=None, metavar="S:E,...",
+                   help="the stages' layer spans (default: an even split), e.g. 0:17,17:30")
     b.add_argument("--no-baseline", action="store_true", help="skip the single-node measurement")
     b.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded model)")
     b.add_argument("--json", action="store_true", help="end with one JSON line holding the results")
@@ -69,5 +81,5 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     o = BenchOptions(stages=args.stages, batches=args.batch, max_tokens=args.max_tokens, prompt_len=args.prompt_len,
                      cores_per_peer=args.cores_per_peer, rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit,
-                     depth=args.depth, model=args.model, skip_baseline=args.no_baseline)
+                     depth=args.depth, model=args.model, spans=args.spans, skip_baseline=args.no_baseline)
     return run(o, as_json=args.json)

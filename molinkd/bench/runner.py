@@ -46,6 +46,7 @@ class BenchOptions:
     depth: int | None = None  # pipeline depth override for the head (None: the head's default)
     model: str | None = None
     skip_baseline: bool = False
+    spans: tuple[tuple[int, int], ...] | None = None  # explicit stage spans (default: an even split)
 
     @property
     def linked(self) -> bool:
@@ -60,6 +61,8 @@ class BenchOptions:
             raise BenchError("--max-tokens must be at least 2 (time per output token needs two)")
         if self.prompt_len < 1:
             raise BenchError("--prompt-len must be at least 1")
+        if self.spans is not None and len(self.spans) != self.stages:
+            raise BenchError(f"--spans gives {len(self.spans)} spans for {self.stages} stages")
         if self.rtt_ms < 0 or (self.rate_mbit is not None and self.rate_mbit <= 0):
             raise BenchError("--rtt-ms must be >= 0 and --rate-mbit > 0")
 
@@ -78,10 +81,16 @@ def _say(msg: str) -> None:
     sys.stderr.flush()
 
 
-def spans_for(num_layers: int, stages: int) -> list[tuple[int, int]]:
+def spans_for(num_layers: int, o: BenchOptions) -> list[tuple[int, int]]:
     from molinkd.spans import even_split
 
-    return [(s.start, s.end) for s in even_split(num_layers, stages)]
+    if o.spans is None:
+        return [(s.start, s.end) for s in even_split(num_layers, o.stages)]
+    spans = list(o.spans)
+    if spans[0][0] != 0 or spans[-1][1] != num_layers or any(a[1] != b[0] for a, b in zip(spans, spans[1:])) \
+            or any(e <= s for s, e in spans):
+        raise BenchError(f"--spans {','.join(f'{s}:{e}' for s, e in spans)} must tile layers 0:{num_layers}")
+    return spans
 
 
 def _common_args(o: BenchOptions) -> list[str]:
@@ -148,7 +157,7 @@ async def swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores:
     first, links); stop every daemon and link on the way out."""
     from molinkd.bench.procs import free_port
 
-    spans = spans_for(num_layers, o.stages)
+    spans = spans_for(num_layers, o)
     links: list[WanLink] = []
     peers: list[DaemonProc] = []
     env = {"MOLINK_PIPELINE_DEPTH": str(o.depth)} if o.depth else {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -120,6 +121,42 @@ def test_molink_bench_end_to_end_json_last_line():
     while _molinkd_pids() - before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not (_molinkd_pids() - before), "molink bench left daemons running"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_bench_stops_every_daemon_and_removes_its_files(sig):
+    before = _molinkd_pids()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, "-m", "cli.molink", "bench", "--max-tokens", "8", "--batch", "1"],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (_molinkd_pids() - before) and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        started = _molinkd_pids() - before
+        assert started, "molink bench started no daemon"
+        workdirs = {c.split("/molink-bench-")[0] + "/molink-bench-" + c.split("/molink-bench-")[1].split("/")[0]
+                    for pid in started for c in _cmdline(pid) if "/molink-bench-" in c}
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert not (_molinkd_pids() - before), "daemons left running after the interrupt"
+    assert workdirs and not any(os.path.exists(w) for w in workdirs)
+
+
+def _cmdline(pid: int) -> list[str]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
 
 
 def _molinkd_pids() -> set[int]:

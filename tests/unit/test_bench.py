@@ -173,9 +173,9 @@ def test_pipeline_depth_defaults_and_override(monkeypatch):
 
     route = [{"peer": "a", "addr": "", "start": 0, "end": 15}, {"peer": "b", "addr": "p2p:b", "start": 15, "end": 30}]
     monkeypatch.delenv(DEPTH_ENV, raising=False)
-    assert default_depth(2) == 3
+    assert default_depth(2) == 2 and default_depth(3) == 3
     kw = pipeline_engine_kwargs(route)
-    assert kw["pipeline_parallel_size"] == 3 and kw["additional_config"]["molink_pipeline"]["depth"] == 3
+    assert kw["pipeline_parallel_size"] == 2 and kw["additional_config"]["molink_pipeline"]["depth"] == 2
     assert kw["scheduler_cls"].endswith("MicroBatchScheduler")
     assert pipeline_engine_kwargs(route, depth=5)["pipeline_parallel_size"] == 5
     with pytest.raises(ValueError, match="at least 2"):
