@@ -315,11 +315,11 @@ async def _bench(o: BenchOptions, workdir: Path) -> dict:
         try:
             async with httpx.AsyncClient() as client:
                 base = None if o.skip_baseline else await run_baseline(client, procs, o, cores[0])
-                swarm = await run_swarm(client, procs, o, cores, model.num_layers)
+                measured = await run_swarm(client, procs, o, cores, model.num_layers)
         finally:
             procs.stop_all()
         top.cancel_scope.cancel()
-    return report(o, base, swarm)
+    return report(o, base, measured)
 
 
 def run(o: BenchOptions, *, as_json: bool = False) -> int:
