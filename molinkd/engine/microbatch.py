@@ -10,6 +10,11 @@ steps. :class:`MicroBatchScheduler` caps the decoding requests of one step at
 that one call) for the next step. Prefill chunks are never held back, and admission of new requests
 still counts the hidden ones. Depth 1 or a single request is plain vLLM scheduling.
 
+Long prompts are cut into ``depth`` chunks (at least ``MIN_PREFILL_CHUNK`` tokens each): vLLM
+schedules the next chunk of a prompt while the previous one is still in flight, so the stages
+prefill one prompt in a pipeline instead of one after the other (time to first token). vLLM's own
+long-prefill threshold never chunks a prompt that runs alone.
+
 It also spares the wire vLLM's ``all_token_ids`` (each request's whole token history, sent for
 every request that was not in the previous step, i.e. every request of every micro-batch): only
 asynchronous scheduling reads it on the workers, and the pipeline never schedules asynchronously.
@@ -28,6 +33,26 @@ def micro_batch_cap(running: int, depth: int) -> int:
     if depth <= 1 or running <= 1:
         return max(running, 1)
     return math.ceil(running / depth)
+
+
+MIN_PREFILL_CHUNK = 64
+
+
+def prefill_chunk(prompt_tokens: int, depth: int) -> int:
+    """Tokens of a prompt to prefill per step: the whole prompt when it is short, else an even
+    share over ``depth`` steps (never below ``MIN_PREFILL_CHUNK``)."""
+    if depth <= 1 or prompt_tokens <= 2 * MIN_PREFILL_CHUNK:
+        return prompt_tokens
+    return max(MIN_PREFILL_CHUNK, math.ceil(prompt_tokens / depth))
+
+
+def step_token_budget(budget: int, decodes: int, prefills: list[tuple[int, int]], depth: int) -> int:
+    """Token budget of one step: the decodes it runs, plus one chunk of every prompt still to
+    prefill (``(prompt tokens, tokens left)`` pairs), at most ``budget``."""
+    if not prefills:
+        return budget
+    chunks = sum(min(left, prefill_chunk(prompt, depth)) for prompt, left in prefills)
+    return max(1, min(budget, decodes + chunks))
 
 
 def split_ready(ready: list[bool], decoding: list[bool], cap: int) -> list[int]:
@@ -51,6 +76,7 @@ class MicroBatchScheduler(Scheduler):
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         self.depth = int(vllm_config.max_concurrent_batches)
+        self._chunking = bool(self.scheduler_config.enable_chunked_prefill) and self.depth > 1
         self._token_history_unused = not (self.scheduler_config.async_scheduling or self.use_v2_model_runner)
 
     def schedule(self, throttle_prefills: bool = False) -> Any:
@@ -62,19 +88,27 @@ class MicroBatchScheduler(Scheduler):
         ready = [r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens > 0 for r in running]
         decoding = [r.num_computed_tokens >= r.num_prompt_tokens for r in running]
         held_idx = split_ready(ready, decoding, cap)
-        if not held_idx:
+        budget = self.max_num_scheduled_tokens
+        if self._chunking:
+            prefills = [(r.num_prompt_tokens, r.num_prompt_tokens - r.num_computed_tokens)
+                        for r, rd, d in zip(running, ready, decoding) if rd and not d]
+            prefills += [(r.num_prompt_tokens, r.num_prompt_tokens - r.num_computed_tokens) for r in self.waiting]
+            kept = sum(1 for rd, d in zip(ready, decoding) if rd and d) - len(held_idx)
+            budget = step_token_budget(budget, kept, prefills, self.depth)
+        if not held_idx and budget == self.max_num_scheduled_tokens:
             return super().schedule(throttle_prefills)
         held = [running[i] for i in held_idx]
         held_ids = {id(r) for r in held}
-        saved = (self.max_num_running_reqs, self.max_num_active_reqs)
+        saved = (self.max_num_running_reqs, self.max_num_active_reqs, self.max_num_scheduled_tokens)
         self.running = [r for r in running if id(r) not in held_ids]
         # the held requests still occupy their slots: admission must count them
         self.max_num_running_reqs -= len(held)
         self.max_num_active_reqs -= len(held)
+        self.max_num_scheduled_tokens = budget
         try:
             return super().schedule(throttle_prefills)
         finally:
-            self.max_num_running_reqs, self.max_num_active_reqs = saved
+            self.max_num_running_reqs, self.max_num_active_reqs, self.max_num_scheduled_tokens = saved
             after = self.running  # minus preempted requests, plus admitted ones
             after_ids = {id(r) for r in after}
             before_ids = {id(r) for r in running}

@@ -185,3 +185,22 @@ def test_pipeline_depth_defaults_and_override(monkeypatch):
     monkeypatch.setenv(DEPTH_ENV, "one")
     with pytest.raises(ValueError, match=DEPTH_ENV):
         pipeline_engine_kwargs(route)
+
+
+def test_long_prompts_are_prefilled_in_depth_chunks():
+    from molinkd.engine.microbatch import MIN_PREFILL_CHUNK, prefill_chunk, step_token_budget
+
+    assert prefill_chunk(512, 2) == 256
+    assert prefill_chunk(2048, 3) == 683
+    assert prefill_chunk(100, 2) == 100  # short prompts go whole
+    assert prefill_chunk(200, 8) == MIN_PREFILL_CHUNK
+    assert prefill_chunk(512, 1) == 512
+    # the same chunk size every step of a prompt (not a share of what is left)
+    assert step_token_budget(2048, 0, [(512, 512)], 2) == 256
+    assert step_token_budget(2048, 0, [(512, 256)], 2) == 256
+    assert step_token_budget(2048, 0, [(512, 100)], 2) == 100
+    # decodes of the step come on top; the engine's budget stays the ceiling; no prompt: no cap
+    assert step_token_budget(2048, 8, [(512, 512)], 2) == 264
+    assert step_token_budget(300, 8, [(4096, 4096)], 2) == 300
+    assert step_token_budget(2048, 8, [], 2) == 2048
+    assert step_token_budget(2048, 0, [(16, 16)] * 16, 2) == 256
