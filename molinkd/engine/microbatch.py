@@ -92,7 +92,8 @@ class MicroBatchScheduler(Scheduler):
         if self._chunking:
             prefills = [(r.num_prompt_tokens, r.num_prompt_tokens - r.num_computed_tokens)
                         for r, rd, d in zip(running, ready, decoding) if rd and not d]
-            prefills += [(r.num_prompt_tokens, r.num_prompt_tokens - r.num_computed_tokens) for r in self.waiting]
+            # waiting requests include preempted ones, which recompute their outputs too
+            prefills += [(r.num_tokens, r.num_tokens - r.num_computed_tokens) for r in self.waiting]
             kept = sum(1 for rd, d in zip(ready, decoding) if rd and d) - len(held_idx)
             budget = step_token_budget(budget, kept, prefills, self.depth)
         if not held_idx and budget == self.max_num_scheduled_tokens:
