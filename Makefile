@@ -50,7 +50,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/bench_swarm.py
+	$(PY) -m cli.molink bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,5 +1,6 @@
 """``molink``: the operator's client. ``molink status [--api URL] [--json | --watch]`` shows the swarm;
-``molink wait [--api URL] [--timeout S]`` blocks until the peer would serve a request."""
+``molink wait [--api URL] [--timeout S]`` blocks until the peer would serve a request; ``molink bench``
+measures a swarm against a single node on this machine (molinkd/bench)."""
 
 from __future__ import annotations
 
@@ -141,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--api", default=api_default, help=api_help)
     w.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     w.add_argument("--quiet", "-q", action="store_true", help="print nothing while waiting")
+    from molinkd.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "bench":
+        from molinkd.bench.cli import run_from_args
+
+        return run_from_args(args)
     if args.command == "wait":
         def say(reason: str) -> None:
             if not args.quiet:

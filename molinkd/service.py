@@ -178,7 +178,8 @@ class Daemon:
             stats = {}
         stage_ms = stats.get("stage_ms") or {}
         stages = [dict(h, step_ms=stage_ms.get(h["peer"])) for h in self.route]
-        return stages, {"round_trip_ms": stats.get("round_trip_ms"), "steps": stats.get("steps", 0)}
+        return stages, {"round_trip_ms": stats.get("round_trip_ms"), "steps": stats.get("steps", 0),
+                        "depth": stats.get("depth"), "inflight_max": stats.get("inflight_max")}
 
     # -- role ---------------------------------------------------------------------------------
 

@@ -1,0 +1,170 @@
+"""`molink bench` for real: the WAN link on loopback sockets, and one short end-to-end run of the
+command (real daemons, real vLLM engines) whose last output line must be the JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from molinkd.bench.wanlink import WanLink
+from tests.helpers import REPO
+
+
+async def _echo_server(task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def echo(s: trio.SocketStream) -> None:
+        async with s:
+            while data := await s.receive_some(1 << 16):
+                await s.send_all(data)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(echo, listeners)
+
+
+async def _through_link(rtt_ms: float, rate_mbit: float | None, payload: bytes, pings: int):
+    """(ping-pong RTTs in s, echoed payload, seconds the payload took) through a WanLink."""
+    async with trio.open_nursery() as n:
+        port = await n.start(_echo_server)
+        link = WanLink(("127.0.0.1", port), rtt_ms=rtt_ms, rate_mbit=rate_mbit)
+        await n.start(link.run)
+        with trio.fail_after(60):
+            s = await trio.open_tcp_stream("127.0.0.1", link.port)
+            rtts = []
+            for i in range(pings):
+                t0 = trio.current_time()
+                await s.send_all(b"ping%d" % i)
+                got = await s.receive_some(64)
+                rtts.append(trio.current_time() - t0)
+                assert got == b"ping%d" % i
+            t0 = trio.current_time()
+            received = bytearray()
+
+            async def reader() -> None:
+                while len(received) < len(payload):
+                    received.extend(await s.receive_some(1 << 16))
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(reader)
+                await s.send_all(payload)
+            took = trio.current_time() - t0
+            await s.aclose()
+        assert link.connections == 1 and link.bytes_forwarded >= 2 * len(payload)
+        n.cancel_scope.cancel()
+    return rtts, bytes(received), took
+
+
+def test_wanlink_delays_every_round_trip_and_keeps_the_bytes():
+    payload = os.urandom(3 << 20)
+    rtts, echoed, _ = trio.run(_through_link, 40.0, None, payload, 5)
+    assert echoed == payload
+    assert min(rtts) >= 0.040  # a delay line cannot deliver early; no upper bound asserted
+
+
+def test_wanlink_rate_limits_both_directions():
+    payload = os.urandom(1 << 20)  # 8 Mbit each way at 80 Mbit/s: >= 0.1 s per direction (they overlap)
+    _, echoed, took = trio.run(_through_link, 0.0, 80.0, payload, 1)
+    assert echoed == payload
+    assert took >= 0.1
+
+
+def test_wanlink_delay_changes_on_open_connections():
+    async def main():
+        async with trio.open_nursery() as n:
+            port = await n.start(_echo_server)
+            link = WanLink(("127.0.0.1", port))
+            await n.start(link.run)
+            s = await trio.open_tcp_stream("127.0.0.1", link.port)
+            await s.send_all(b"x")
+            assert await s.receive_some(8) == b"x"
+            link.set(rtt_ms=60.0)
+            t0 = trio.current_time()
+            await s.send_all(b"y")
+            assert await s.receive_some(8) == b"y"
+            rtt = trio.current_time() - t0
+            await s.aclose()
+            n.cancel_scope.cancel()
+        return rtt
+
+    assert trio.run(main) >= 0.060
+
+
+@pytest.mark.slow
+def test_molink_bench_end_to_end_json_last_line():
+    """Baseline + 2-stage swarm through a 20 ms link, tiny settings: the last line is the JSON
+    result with every field, figures from this run, and no daemon is left running."""
+    before = _molinkd_pids()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "cli.molink", "bench", "--max-tokens", "8", "--batch", "1",
+                        "--prompt-len", "8", "--rtt-ms", "20", "--json"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    res = json.loads(last)
+    for k in ("baseline_tok_s", "swarm_tok_s", "swarm_nodelay_tok_s", "ttft_ms_p50", "tpot_ms_p50",
+              "inflight_batches", "stages", "batch", "rtt_ms"):
+        assert k in res, k
+    assert res["stages"] == 2 and res["batch"] == 1 and res["rtt_ms"] == 20
+    assert res["baseline_tok_s"] > 0 and res["swarm_tok_s"] > 0 and res["swarm_nodelay_tok_s"] > 0
+    assert res["inflight_batches"] >= 2
+    # the stages saw each other through the link (the bench checks >= 80% of the RTT asked)
+    assert res["link_rtt_ms_seen"] and min(res["link_rtt_ms_seen"]) >= 16
+    # a delayed step cannot be faster than the link's round trip
+    assert res["tpot_ms_p50"] >= 20
+    deadline = time.monotonic() + 30
+    while _molinkd_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not (_molinkd_pids() - before), "molink bench left daemons running"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_bench_stops_every_daemon_and_removes_its_files(sig):
+    before = _molinkd_pids()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, "-m", "cli.molink", "bench", "--max-tokens", "8", "--batch", "1"],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (_molinkd_pids() - before) and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        started = _molinkd_pids() - before
+        assert started, "molink bench started no daemon"
+        workdirs = {c.split("/molink-bench-")[0] + "/molink-bench-" + c.split("/molink-bench-")[1].split("/")[0]
+                    for pid in started for c in _cmdline(pid) if "/molink-bench-" in c}
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert not (_molinkd_pids() - before), "daemons left running after the interrupt"
+    assert workdirs and not any(os.path.exists(w) for w in workdirs)
+
+
+def _cmdline(pid: int) -> list[str]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+
+
+def _molinkd_pids() -> set[int]:
+    import psutil
+
+    out = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any("cli.molinkd" in c for c in cmd) and any("molink-bench-" in c for c in cmd):
+            out.add(proc.info["pid"])
+    return out
