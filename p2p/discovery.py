@@ -8,6 +8,10 @@ the pubsub validator, so a bad message is neither delivered nor relayed:
 - another model hash                  -> ``dropped_foreign_model``
 - record ``peer_id`` != message signer -> ``dropped_forged`` (gossipsub strict signing proves
   the signer, so a peer can only announce itself)
+- signed ``time`` older than ``max_record_age`` (default 2 ttl) by our wall clock -> ``dropped_old``
+  (a replayed record; or a sender whose clock is that far behind), or more than
+  ``RECORD_MAX_FUTURE_SKEW`` (60 s) ahead -> ``dropped_future``
+- a new peer on an IP address that already has ``max_per_ip`` peers -> ``dropped_ip_full``
 
 Accepted records update the table (renewal, offline removal); silent peers expire after ``ttl``
 (default 3 periods). Peers we learn about and are not connected to are dialled (bounded
@@ -28,7 +32,8 @@ from typing import Any
 
 import trio
 
-from p2p.records import PeerRecord, PeerTable, RecordError, decode_record, encode_record
+from molinkd.limits import RECORD_MAX_AGE_TTLS, RECORD_MAX_FUTURE_SKEW, RECORD_MAX_PEERS_PER_IP
+from p2p.records import PeerRecord, PeerTable, RecordError, check_fresh, decode_record, encode_record
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +87,11 @@ class Discovery:
         max_parallel_dials: int = 4,
         dial_timeout: float = 3.0,
         redial_after: float = 10.0,
+        max_per_ip: int = RECORD_MAX_PEERS_PER_IP,
+        max_record_age: float | None = None,
+        max_future: float = RECORD_MAX_FUTURE_SKEW,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not model_hash:
             raise ValueError("model_hash is required")
@@ -94,7 +103,11 @@ class Discovery:
         self.period = period
         self.ttl = ttl if ttl is not None else 3 * period
         self.topic = topic_for(model_hash)
-        self.table = PeerTable(self.ttl, clock=clock)
+        self.max_record_age = max_record_age if max_record_age is not None else RECORD_MAX_AGE_TTLS * self.ttl
+        self.max_future = max_future
+        self.wall_clock = wall_clock
+        self.table = PeerTable(self.ttl, clock=clock, max_per_ip=max_per_ip,
+                               tombstone_ttl=max(self.ttl, self.max_record_age))
         self.max_connections = max_connections
         self.max_parallel_dials = max_parallel_dials
         self.dial_timeout = dial_timeout
@@ -106,6 +119,9 @@ class Discovery:
             "dropped_bad": 0,
             "dropped_foreign_model": 0,
             "dropped_forged": 0,
+            "dropped_old": 0,
+            "dropped_future": 0,
+            "dropped_ip_full": 0,
             "expired": 0,
             "removed_offline": 0,
             "published": 0,
@@ -145,7 +161,7 @@ class Discovery:
             else:
                 extras[k] = v
         kw.setdefault("addrs", self.node.addrs())
-        kw.update(peer_id=self.node.peer_id, model_hash=self.model_hash, time=time.time(), extras=extras)
+        kw.update(peer_id=self.node.peer_id, model_hash=self.model_hash, time=self.wall_clock(), extras=extras)
         kw.setdefault("state", "online")
         try:
             return PeerRecord(**kw)
@@ -157,7 +173,7 @@ class Discovery:
         self._left = True
         self._wake.set()
         try:
-            rec = self.my_record().replace(state="offline", time=time.time())
+            rec = self.my_record().replace(state="offline", time=self.wall_clock())
             with trio.move_on_after(timeout):
                 await self.node.publish(self.topic, encode_record(rec))
                 self._stats["published"] += 1
@@ -207,6 +223,20 @@ class Discovery:
                 f"forged:{source}", "dropped a forged record: signed by %s but claims peer %s", source, rec.peer_id[:64]
             )
             return False
+        wall = self.wall_clock()
+        why = check_fresh(rec, wall, self.max_record_age, self.max_future)
+        if why is not None:
+            self._stats["dropped_old" if why == "old" else "dropped_future"] += 1
+            self._warn.warning(
+                f"{why}:{source}",
+                "dropped a record from %s with a signed time %.1fs %s our clock (replayed, or its clock is off: "
+                "keep clocks within %.0fs)",
+                source,
+                abs(wall - rec.time),
+                "behind" if why == "old" else "ahead of",
+                min(self.max_record_age, self.max_future),
+            )
+            return False
         return True
 
     # -- loops
@@ -219,11 +249,20 @@ class Discovery:
                 continue  # the validator already counted and logged it
             if rec.peer_id != source or rec.model_hash != self.model_hash:
                 continue
+            if source != self.node.peer_id and check_fresh(rec, self.wall_clock(), self.max_record_age, self.max_future):
+                continue  # went stale in the queue (the validator counted fresh ones only)
             result = self.table.update(rec)
             if source == self.node.peer_id:
                 continue
             if result == "stale":
                 self._stats["stale"] += 1
+                continue
+            if result == "ip_full":
+                self._stats["dropped_ip_full"] += 1
+                self._warn.warning(f"ipfull:{source}", "ignored peer %s: its addresses %s already have %d peers",
+                                   source, sorted(rec.ips())[:4], self.table.max_per_ip)
+                continue
+            if result == "full":
                 continue
             self._stats["accepted"] += 1
             if result == "added":

@@ -7,6 +7,13 @@ Wire format: one msgpack map. Required fields are top-level keys; anything new g
 ``extras`` (a map), so peers running older software keep decoding newer records. Unknown
 top-level keys are ignored too. ``"v"`` is the schema version: a record with a higher version
 is still accepted if its required fields validate (newer peers only add, never change meaning).
+
+Bounds (values in :mod:`molinkd.limits`): the msgpack profile ``RECORD_MSG`` (64 KiB, no bins, no
+ext types, the timestamp included, shallow); ``extras`` holds only str/int/float/bool/None/lists/
+maps with string keys, at most ``RECORD_EXTRAS_MAX_BYTES`` and ``RECORD_EXTRAS_MAX_DEPTH`` deep,
+so :meth:`PeerRecord.to_dict` is always JSON-serialisable (``/status`` cannot be broken by one
+record). :func:`check_fresh` refuses records whose signed ``time`` is too old (replayed) or in the
+future; :class:`PeerTable` holds at most ``max_per_ip`` peers per announced IP address.
 """
 
 from __future__ import annotations
@@ -19,8 +26,18 @@ from typing import Any
 
 import msgpack
 
+from molinkd.limits import (
+    RECORD_EXTRAS_MAX_BYTES,
+    RECORD_EXTRAS_MAX_DEPTH,
+    RECORD_MAX_AGE_TTLS,
+    RECORD_MAX_FUTURE_SKEW,
+    RECORD_MAX_PEERS_PER_IP,
+    RECORD_MSG,
+)
+from p2p.framing import unpack
+
 SCHEMA_VERSION = 1
-MAX_RECORD_BYTES = 64 * 1024  # a record with an RTT map for a few hundred peers fits
+MAX_RECORD_BYTES = RECORD_MSG.max_frame  # a record with an RTT map for a few hundred peers fits
 MAX_ADDRS = 32
 MAX_STR = 512
 MAX_LAYERS = 1_000_000
@@ -94,11 +111,17 @@ class PeerRecord:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (for /status)."""
+        """JSON-serialisable form (for /status): extras are validated plain data (see
+        :func:`check_extras`), copied so the caller may change the result."""
         d = self.to_wire()
         d.pop("v")
         d["schema"] = self.schema
+        d["extras"] = _json_copy(self.extras)
         return d
+
+    def ips(self) -> frozenset[str]:
+        """Hosts this record announces (see :func:`addr_hosts`)."""
+        return addr_hosts(self.addrs)
 
 
 _FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -147,10 +170,98 @@ def _validate(r: PeerRecord) -> None:
             raise bad(f"{name} must be a finite non-negative number")
     if r.state not in STATES:
         raise bad(f"state must be one of {STATES}, got {r.state[:32]!r}")
-    if not isinstance(r.extras, Mapping) or not all(isinstance(k, str) for k in r.extras):
-        raise bad("extras must be a map with string keys")
+    try:
+        check_extras(r.extras)
+    except RecordError as e:
+        raise bad(str(e)) from None
     if r.schema < 1:
         raise bad("schema version must be >= 1")
+
+
+def check_extras(extras: Any) -> None:
+    """``extras`` must be a map with string keys holding only str/int/float (finite)/bool/None,
+    lists and maps with string keys, at most RECORD_EXTRAS_MAX_DEPTH deep and about
+    RECORD_EXTRAS_MAX_BYTES big (msgpack size). Raises RecordError. Iterative: O(size)."""
+    if not isinstance(extras, Mapping):
+        raise RecordError("extras must be a map with string keys")
+    size = 0
+    todo: list[tuple[Any, int]] = [(extras, 1)]
+    while todo:
+        v, depth = todo.pop()
+        t = type(v)
+        if t is str:
+            size += len(v) + 1
+        elif v is None or t is bool:
+            size += 1
+        elif t is int:
+            if not -(1 << 63) <= v < (1 << 64):
+                raise RecordError("extras: integer out of the 64-bit range")
+            size += 9
+        elif t is float:
+            if not math.isfinite(v):
+                raise RecordError("extras: numbers must be finite")
+            size += 9
+        elif isinstance(v, (list, tuple)):
+            if depth > RECORD_EXTRAS_MAX_DEPTH:
+                raise RecordError(f"extras nest deeper than {RECORD_EXTRAS_MAX_DEPTH} levels")
+            size += 5
+            todo.extend((x, depth + 1) for x in v)
+        elif isinstance(v, Mapping):
+            if depth > RECORD_EXTRAS_MAX_DEPTH:
+                raise RecordError(f"extras nest deeper than {RECORD_EXTRAS_MAX_DEPTH} levels")
+            size += 5
+            for k, x in v.items():
+                if type(k) is not str:
+                    raise RecordError("extras: map keys must be strings")
+                size += len(k) + 1
+                todo.append((x, depth + 1))
+        else:
+            raise RecordError(f"extras: values of type {t.__name__} are not allowed (only str, int, float, "
+                              "bool, None, lists and maps)")
+        if size > RECORD_EXTRAS_MAX_BYTES:
+            raise RecordError(f"extras are over {RECORD_EXTRAS_MAX_BYTES} bytes")
+
+
+def _json_copy(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _json_copy(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_copy(x) for x in v]
+    return v
+
+
+def addr_hosts(addrs: Iterable[str]) -> frozenset[str]:
+    """The hosts (IPv4/IPv6 address or DNS name) of direct multiaddrs such as
+    ``/ip4/1.2.3.4/tcp/4001``; relayed addresses (``/p2p-circuit``) name the relay, not the peer,
+    and are skipped. IPv6 addresses are normalised."""
+    import ipaddress
+
+    out = set()
+    for a in addrs:
+        if "/p2p-circuit" in a:
+            continue
+        parts = a.split("/")
+        if len(parts) >= 3 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6", "dnsaddr"):
+            host = parts[2].lower()
+            if parts[1] in ("ip4", "ip6"):
+                try:
+                    host = str(ipaddress.ip_address(host))
+                except ValueError:
+                    continue
+            out.add(host)
+    return frozenset(out)
+
+
+def check_fresh(rec: PeerRecord, wall_now: float, max_age: float,
+                max_future: float = RECORD_MAX_FUTURE_SKEW) -> str | None:
+    """None if the record's signed ``time`` (sender's unix time) is within
+    ``[wall_now - max_age, wall_now + max_future]`` (receiver's unix time); otherwise "old" (a
+    replay, or a sender whose clock is far behind) or "future"."""
+    if rec.time < wall_now - max_age:
+        return "old"
+    if rec.time > wall_now + max_future:
+        return "future"
+    return None
 
 
 def encode_record(rec: PeerRecord) -> bytes:
@@ -168,17 +279,7 @@ def decode_record(data: bytes | bytearray | memoryview) -> PeerRecord:
     """Parse and validate one record. Raises RecordError (never anything else) on bad input."""
     if len(data) > MAX_RECORD_BYTES:
         raise RecordError(f"record of {len(data)} bytes is over the {MAX_RECORD_BYTES}-byte limit")
-    try:
-        obj = msgpack.unpackb(
-            bytes(data),
-            raw=False,
-            strict_map_key=True,
-            ext_hook=_refuse_ext,
-        )
-    except RecordError:
-        raise
-    except Exception as e:
-        raise RecordError(f"undecodable record ({type(e).__name__}: {e})") from None
+    obj = unpack(data, RECORD_MSG, RecordError)
     if not isinstance(obj, dict):
         raise RecordError(f"record must be a map, got {type(obj).__name__}")
     schema = obj.get("v")
@@ -205,10 +306,6 @@ def decode_record(data: bytes | bytearray | memoryview) -> PeerRecord:
         raise RecordError(f"invalid record ({type(e).__name__}: {e})") from None
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise RecordError(f"msgpack extension type {code} is not allowed in records")
-
-
 # ----------------------------------------------------------------------------------- table
 
 
@@ -224,23 +321,33 @@ class PeerTable:
     Expiry is measured on the receiver's clock (``now``), never on the sender's ``time``
     (clocks differ between machines); the sender's ``time`` only orders that sender's own
     records, so a replayed or reordered older record never overwrites a newer one. An offline
-    record removes the peer at once and leaves a tombstone (for ``ttl``) so a delayed older
-    online record cannot bring it back. ``max_peers`` bounds memory: a new peer beyond it is
-    refused.
+    record removes the peer at once and leaves a tombstone (for ``tombstone_ttl``, default
+    ``RECORD_MAX_AGE_TTLS * ttl``: as long as a replayed record stays fresh for
+    :func:`check_fresh`) so a delayed or replayed older online record cannot bring it back.
+    ``max_peers`` bounds memory: a new peer beyond it is refused. ``max_per_ip`` bounds the
+    peers announcing one IP address (direct addresses only): an attacker minting peer ids cannot
+    fill the table, nor point every peer's dialer at one victim address more than that many times.
     """
 
-    def __init__(self, ttl: float, *, max_peers: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ttl: float, *, max_peers: int = 10_000, max_per_ip: int = RECORD_MAX_PEERS_PER_IP,
+                 tombstone_ttl: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
+        if max_per_ip < 1:
+            raise ValueError("max_per_ip must be >= 1")
         self.ttl = ttl
+        self.tombstone_ttl = tombstone_ttl if tombstone_ttl is not None else RECORD_MAX_AGE_TTLS * ttl
         self.max_peers = max_peers
+        self.max_per_ip = max_per_ip
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
         self._tombstones: dict[str, tuple[float, float]] = {}  # peer -> (record time, expires)
+        self._by_ip: dict[str, set[str]] = {}  # announced host -> peers in _entries announcing it
 
     def update(self, rec: PeerRecord, now: float | None = None) -> str:
         """Apply one record. Returns what happened: "added", "renewed", "removed" (offline),
-        "stale" (older than what we hold, or than the peer's offline tombstone), "full"."""
+        "stale" (older than what we hold, or than the peer's offline tombstone), "full",
+        "ip_full" (one of its addresses already has ``max_per_ip`` other peers)."""
         now = self.clock() if now is None else now
         cur = self._entries.get(rec.peer_id)
         if cur is not None and rec.time < cur.record.time:
@@ -252,29 +359,59 @@ class PeerTable:
             elif rec.time <= tomb[0]:
                 return "stale"
         if not rec.online:
-            self._entries.pop(rec.peer_id, None)
-            self._tombstones[rec.peer_id] = (rec.time, now + self.ttl)
+            self._drop(rec.peer_id)
+            self._tombstones[rec.peer_id] = (rec.time, now + self.tombstone_ttl)
             return "removed"
         self._tombstones.pop(rec.peer_id, None)
         if cur is None and len(self._entries) >= self.max_peers:
             self.expire(now)
             if len(self._entries) >= self.max_peers:
                 return "full"
+        hosts = rec.ips()
+        old_hosts = cur.record.ips() if cur is not None else frozenset()
+        new_hosts = hosts - old_hosts
+        if any(len(self._by_ip.get(h, ())) >= self.max_per_ip for h in new_hosts):
+            self.expire(now)
+            if any(len(self._by_ip.get(h, ())) >= self.max_per_ip for h in new_hosts):
+                return "ip_full"
+        for h in old_hosts - hosts:
+            self._unindex(h, rec.peer_id)
+        for h in new_hosts:
+            self._by_ip.setdefault(h, set()).add(rec.peer_id)
         self._entries[rec.peer_id] = _Entry(rec, now + self.ttl)
         return "added" if cur is None else "renewed"
+
+    def _unindex(self, host: str, peer_id: str) -> None:
+        peers = self._by_ip.get(host)
+        if peers is not None:
+            peers.discard(peer_id)
+            if not peers:
+                del self._by_ip[host]
+
+    def _drop(self, peer_id: str) -> bool:
+        e = self._entries.pop(peer_id, None)
+        if e is None:
+            return False
+        for h in e.record.ips():
+            self._unindex(h, peer_id)
+        return True
+
+    def peers_at(self, host: str) -> int:
+        """Number of peers in the table announcing ``host``."""
+        return len(self._by_ip.get(host, ()))
 
     def expire(self, now: float | None = None) -> list[str]:
         """Drop entries not renewed in time; return the peer ids dropped."""
         now = self.clock() if now is None else now
         gone = [p for p, e in self._entries.items() if e.expires <= now]
         for p in gone:
-            del self._entries[p]
+            self._drop(p)
         for p in [p for p, (_, exp) in self._tombstones.items() if exp <= now]:
             del self._tombstones[p]
         return gone
 
     def remove(self, peer_id: str) -> bool:
-        return self._entries.pop(peer_id, None) is not None
+        return self._drop(peer_id)
 
     def get(self, peer_id: str, now: float | None = None) -> PeerRecord | None:
         now = self.clock() if now is None else now
@@ -397,6 +534,9 @@ __all__ = [
     "PeerTable",
     "RecordError",
     "SCHEMA_VERSION",
+    "addr_hosts",
+    "check_extras",
+    "check_fresh",
     "coverage",
     "decode_record",
     "encode_record",

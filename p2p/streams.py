@@ -3,6 +3,10 @@
 The stream object only needs ``await read(n) -> bytes`` (b"" or an exception at end of stream),
 ``await write(data)`` and ``await close()``. py-libp2p's ``read(n)`` may return fewer bytes than
 asked (design.md section 6), so reading always loops on the decoder.
+
+Each stream decodes within a :class:`molinkd.limits.MsgLimits` profile (``limits=``); payloads
+over ``OFFLOAD_BYTES`` are checked and decoded in a worker thread, so one peer sending large or
+adversarial frames cannot stall the trio loop (announcements, other peers' streams).
 """
 
 from __future__ import annotations
@@ -12,9 +16,24 @@ from typing import Any, Protocol
 
 import trio
 
-from p2p.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, FrameError, encode_frame
+from molinkd.limits import MsgLimits
+from p2p.framing import Frame, FrameDecoder, FrameError, decode_payload, encode_frame
 
 READ_CHUNK = 1 << 20
+# payloads above this are decoded off the trio loop (scanning 64 KiB of tiny values takes ~10 ms)
+OFFLOAD_BYTES = 64 << 10
+# at most this many large payloads are decoded at once per trio run (the machine has few cores)
+DECODE_THREADS = 4
+_DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("molink_decode_limiter")
+
+
+def _decode_limiter() -> trio.CapacityLimiter:
+    try:
+        return _DECODE_LIMITER.get()
+    except LookupError:
+        lim = trio.CapacityLimiter(DECODE_THREADS)
+        _DECODE_LIMITER.set(lim)
+        return lim
 
 
 class ByteStream(Protocol):
@@ -37,11 +56,12 @@ class FramedStream:
     Sends are serialised by a lock so several tasks may share one stream.
     """
 
-    def __init__(self, raw: Any, *, max_frame: int = DEFAULT_MAX_FRAME, peer: str = "?") -> None:
+    def __init__(self, raw: Any, *, max_frame: int | None = None, peer: str = "?",
+                 limits: MsgLimits | None = None) -> None:
         self.raw = raw
         self.peer = peer
-        self.max_frame = max_frame
-        self._decoder = FrameDecoder(max_frame)
+        self._decoder = FrameDecoder(max_frame, limits=limits)
+        self.max_frame = self._decoder.max_size
         self._send_lock = trio.Lock()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -68,9 +88,14 @@ class FramedStream:
         deadline = trio.current_time() + timeout if timeout is not None else math.inf
         with trio.fail_at(deadline):
             while True:
-                frame = self._decoder.next_frame()
-                if frame is not None:
-                    return frame
+                payload = self._decoder.next_payload()
+                if payload is not None:
+                    limits = self._decoder.limits
+                    if len(payload) <= OFFLOAD_BYTES:
+                        return decode_payload(payload, limits)
+                    return await trio.to_thread.run_sync(
+                        decode_payload, payload, limits, limiter=_decode_limiter(), abandon_on_cancel=True
+                    )
                 try:
                     data = await _read(self.raw, max(self._decoder.wanted(), READ_CHUNK))
                 except (EOFError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
@@ -92,6 +117,16 @@ class FramedStream:
                     ) from cause
                 self.bytes_in += len(data)
                 self._decoder.feed(data)
+
+    @property
+    def limits(self) -> MsgLimits:
+        return self._decoder.limits
+
+    @limits.setter
+    def limits(self, value: MsgLimits) -> None:
+        """Change the decoding profile between frames (e.g. tighten once a session is agreed)."""
+        self._decoder.limits = value
+        self._decoder.max_size = self.max_frame = value.max_frame
 
     def take_unparsed(self) -> bytes:
         """Bytes already read from the stream but not yet parsed into frames (see FrameDecoder)."""

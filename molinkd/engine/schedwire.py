@@ -188,8 +188,8 @@ def decode_sampling_params(b: Any) -> SamplingParams | None:
         raise WireError("sampling_params must be bytes")
     try:
         return _SP_DECODER.decode(b)
-    except msgspec.MsgspecError as e:
-        raise WireError(f"bad sampling_params: {e}") from None
+    except Exception as e:  # msgspec errors, and SamplingParams.__post_init__'s own validation errors
+        raise WireError(f"bad sampling_params: {type(e).__name__}: {e}") from None
 
 
 # --- SchedulerOutput ----------------------------------------------------------------------
@@ -471,3 +471,327 @@ def decode_model_runner_output(d: Any) -> ModelRunnerOutput:
 
 def dataclass_field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
+
+
+# --- checks against the session's agreed limits ---------------------------------------------
+#
+# The decoders above only check types. Before a message reaches vLLM, every value must also be
+# in range for the session (vLLM's CPU kernels do not bounds-check block ids: an unchecked id is
+# an out-of-bounds write in the stage process). Each check is O(size of the message) and
+# raises WireError naming the field.
+
+MAX_REQ_ID_LEN = 512
+
+
+def _span(v: list[int], lo: int, hi: int, where: str) -> None:
+    """Every int of ``v`` in [lo, hi) (min/max run in C)."""
+    if v and (min(v) < lo or max(v) >= hi):
+        bad = next(x for x in v if not lo <= x < hi)
+        raise WireError(f"{where} holds {bad}, outside [{lo}, {hi})")
+
+
+def _count(v: int, lo: int, hi: int, where: str) -> None:
+    if not lo <= v <= hi:
+        raise WireError(f"{where} is {v}, outside [{lo}, {hi}]")
+
+
+def _req_id(r: str, where: str) -> None:
+    if not r or len(r) > MAX_REQ_ID_LEN:
+        raise WireError(f"{where}: request ids must be 1..{MAX_REQ_ID_LEN} characters")
+
+
+def _groups(groups: Any, lim: Any, where: str) -> None:
+    """One block-id list per KV-cache group, each id an allocated block, at most a request's
+    whole context of blocks per group."""
+    if len(groups) != lim.kv_groups:
+        raise WireError(f"{where} has {len(groups)} block groups, the session has {lim.kv_groups}")
+    per_req = lim.max_blocks_per_req
+    for g, ids in enumerate(groups):
+        if len(ids) > per_req:
+            raise WireError(f"{where}[{g}] lists {len(ids)} blocks, a request holds at most {per_req}")
+        _span(ids, 0, lim.num_blocks, f"{where}[{g}] (block ids)")
+
+
+def _token_lists(sp: Any, name: str, v: Any, vocab: int, where: str) -> None:
+    if v is None:
+        return
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, (set, frozenset, tuple)):
+        v = list(v)
+    if not isinstance(v, list):
+        raise WireError(f"{where}.{name} must be a list of token ids")
+    rows = v if v and isinstance(v[0], list) else [v]
+    for row in rows:
+        if not isinstance(row, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+            raise WireError(f"{where}.{name} must hold token ids")
+        _span(row, 0, vocab, f"{where}.{name}")
+
+
+def check_sampling_params(sp: SamplingParams, lim: Any, where: str = "sampling_params") -> None:
+    """What vLLM checks against the model config in its input processor (``SamplingParams.verify``),
+    which a decoded SamplingParams skipped: msgspec runs ``__post_init__`` (n, temperature, top_p,
+    top_k, max_tokens, min_tokens are validated there) but nothing knows the vocabulary or the
+    logprob limit. Every token-id field must be in the vocabulary, logprob counts within limits."""
+    mx = lim.max_logprobs
+    for name in ("logprobs", "prompt_logprobs"):
+        v = getattr(sp, name)
+        if v is not None and not 0 <= v <= mx:
+            raise WireError(f"{where}.{name} is {v}, the session allows 0..{mx}")
+    if sp.logprob_token_ids is not None and len(sp.logprob_token_ids) > mx:
+        raise WireError(f"{where}.logprob_token_ids lists {len(sp.logprob_token_ids)} ids, the session allows {mx}")
+    if sp.max_tokens is not None and sp.max_tokens > lim.max_model_len:
+        raise WireError(f"{where}.max_tokens {sp.max_tokens} exceeds max_model_len {lim.max_model_len}")
+    vocab = lim.vocab_size
+    for name in ("stop_token_ids", "_all_stop_token_ids", "allowed_token_ids", "_bad_words_token_ids",
+                 "logprob_token_ids", "prompt_logprob_token_ids", "trace_decode_token_ids"):
+        _token_lists(sp, name, getattr(sp, name, None), vocab, where)
+    if sp.logit_bias:
+        _span(list(sp.logit_bias), 0, vocab, f"{where}.logit_bias (token ids)")
+    eos = sp._eos_token_id
+    if eos is not None and not (isinstance(eos, int) and 0 <= eos < vocab):
+        raise WireError(f"{where}._eos_token_id {eos!r} is not a token id")
+
+
+def check_scheduler_output(so: SchedulerOutput, lim: Any) -> None:
+    """Check a decoded SchedulerOutput against the session's :class:`molinkd.limits.SessionLimits`
+    (raises WireError naming the field). Block ids in [0, num_blocks) with one list per KV group,
+    token/request counts within the batch limits and consistent with each other, positions within
+    max_model_len, token ids within the vocabulary, sampling parameters within the model's limits,
+    no speculative tokens beyond ``max_spec_tokens``, no encoder (multimodal) inputs."""
+    w = "SchedulerOutput"
+    nst = so.num_scheduled_tokens
+    cached = so.scheduled_cached_reqs
+    vocab, mml = lim.vocab_size, lim.max_model_len
+    nreq = len(nst)
+    if nreq > lim.max_num_seqs:
+        raise WireError(f"{w}.num_scheduled_tokens schedules {nreq} requests, the session allows {lim.max_num_seqs}")
+    total = so.total_num_scheduled_tokens
+    _count(total, 0, lim.max_num_batched_tokens, f"{w}.total_num_scheduled_tokens")
+    if nst and min(nst.values()) < 0:
+        raise WireError(f"{w}.num_scheduled_tokens holds a negative count")
+    if sum(nst.values()) != total:
+        raise WireError(f"{w}.total_num_scheduled_tokens {total} != the sum of per-request counts")
+    # the step's requests: new ones and cached ones, each once, exactly those with a count
+    new_ids = [r.req_id for r in so.scheduled_new_reqs]
+    step_ids = set(new_ids)
+    step_ids.update(cached.req_ids)
+    if len(step_ids) != len(new_ids) + len(cached.req_ids):
+        raise WireError(f"{w}: a request is listed twice among the new and cached requests")
+    if step_ids != nst.keys():
+        extra = sorted(step_ids ^ nst.keys())[:3]
+        raise WireError(f"{w}: num_scheduled_tokens and the new/cached requests disagree (e.g. {extra})")
+    for r in nst:
+        _req_id(r, f"{w}.num_scheduled_tokens")
+    # speculative decoding: none unless the session has it
+    spec = so.scheduled_spec_decode_tokens
+    if len(spec) > nreq or not spec.keys() <= nst.keys():
+        raise WireError(f"{w}.scheduled_spec_decode_tokens names requests not scheduled in this step")
+    for r, toks in spec.items():
+        if len(toks) > lim.max_spec_tokens or len(toks) > max(nst[r] - 1, 0):
+            raise WireError(f"{w}.scheduled_spec_decode_tokens[{r!r}] has {len(toks)} tokens "
+                            f"(session allows {lim.max_spec_tokens}, {nst[r]} scheduled)")
+        _span(toks, -1, vocab, f"{w}.scheduled_spec_decode_tokens[{r!r}]")
+    _count(so.num_spec_tokens_to_schedule, 0, lim.max_spec_tokens, f"{w}.num_spec_tokens_to_schedule")
+    nist = so.num_invalid_spec_tokens
+    if nist:
+        if not nist.keys() <= nst.keys():
+            raise WireError(f"{w}.num_invalid_spec_tokens names requests not scheduled in this step")
+        for r, v in nist.items():
+            _count(v, 0, lim.max_spec_tokens, f"{w}.num_invalid_spec_tokens[{r!r}]")
+    if so.scheduled_encoder_inputs or so.free_encoder_mm_hashes or so.scheduled_encoder_input_stats not in (
+        None, ScheduledEncoderInputStats(0, 0)
+    ):
+        raise WireError(f"{w}: encoder (multimodal) inputs are not served across stages")
+    # new requests
+    for r in so.scheduled_new_reqs:
+        ww = f"{w}.scheduled_new_reqs[{r.req_id!r}]"
+        _count(r.num_computed_tokens, 0, mml, f"{ww}.num_computed_tokens")
+        if r.num_computed_tokens + nst[r.req_id] > mml:
+            raise WireError(f"{ww}: {r.num_computed_tokens} computed + {nst[r.req_id]} scheduled tokens "
+                            f"exceed max_model_len {mml}")
+        plen = 0
+        if r.prompt_token_ids is not None:
+            plen = len(r.prompt_token_ids)
+            _count(plen, 0, mml, f"{ww}.prompt_token_ids (length)")
+            _span(r.prompt_token_ids, 0, vocab, f"{ww}.prompt_token_ids")
+        if r.prefill_token_ids is not None:
+            _count(len(r.prefill_token_ids), 0, mml, f"{ww}.prefill_token_ids (length)")
+            _span(r.prefill_token_ids, 0, vocab, f"{ww}.prefill_token_ids")
+        if r.prompt_embeds is not None:
+            e = r.prompt_embeds
+            if e.dim() != 2 or e.shape[1] != lim.hidden_size or e.shape[0] > mml or not e.dtype.is_floating_point:
+                raise WireError(f"{ww}.prompt_embeds has shape {tuple(e.shape)} and dtype {e.dtype}, expected "
+                                f"(<= {mml}, {lim.hidden_size}) floating point")
+            plen = max(plen, e.shape[0])
+        if r.prompt_token_ids is None and r.prompt_embeds is None:
+            raise WireError(f"{ww} has neither prompt_token_ids nor prompt_embeds")
+        if r.prompt_is_token_ids is not None and len(r.prompt_is_token_ids) != plen:
+            raise WireError(f"{ww}.prompt_is_token_ids has {len(r.prompt_is_token_ids)} entries for a "
+                            f"{plen}-token prompt")
+        _count(r.replay_start, 0, mml, f"{ww}.replay_start")
+        _groups(r.block_ids, lim, f"{ww}.block_ids")
+        if r.sampling_params is None:
+            raise WireError(f"{ww} has no sampling_params (pooling is not served across stages)")
+        check_sampling_params(r.sampling_params, lim, f"{ww}.sampling_params")
+    # cached requests
+    wc = f"{w}.scheduled_cached_reqs"
+    n = len(cached.req_ids)
+    cached_ids = set(cached.req_ids)
+    if not cached.resumed_req_ids <= cached_ids or not cached.all_token_ids.keys() <= cached_ids:
+        raise WireError(f"{wc}: resumed_req_ids/all_token_ids name requests not in req_ids")
+    for i, rid in enumerate(cached.req_ids):
+        nc = cached.num_computed_tokens[i]
+        _count(nc, 0, mml, f"{wc}.num_computed_tokens[{i}]")
+        if nc + nst[rid] > mml:
+            raise WireError(f"{wc}[{rid!r}]: {nc} computed + {nst[rid]} scheduled tokens exceed max_model_len {mml}")
+        _count(cached.num_output_tokens[i], 0, mml, f"{wc}.num_output_tokens[{i}]")
+        b = cached.new_block_ids[i]
+        if b is not None:
+            _groups(b, lim, f"{wc}.new_block_ids[{i}]")
+        if cached.new_token_ids:
+            toks = cached.new_token_ids[i]
+            want = nst[rid] - len(spec.get(rid, ()))
+            if len(toks) != want:
+                raise WireError(f"{wc}.new_token_ids[{i}] has {len(toks)} tokens, {want} are scheduled")
+            _span(toks, 0, vocab, f"{wc}.new_token_ids[{i}]")
+    if cached.new_token_ids and len(cached.new_token_ids) != n:
+        raise WireError(f"{wc}.new_token_ids has {len(cached.new_token_ids)} entries for {n} requests")
+    for rid, toks in cached.all_token_ids.items():
+        _count(len(toks), 0, mml, f"{wc}.all_token_ids[{rid!r}] (length)")
+        _span(toks, 0, vocab, f"{wc}.all_token_ids[{rid!r}]")
+    # whole-cache operations
+    if so.new_block_ids_to_zero:
+        _span(so.new_block_ids_to_zero, 0, lim.num_blocks, f"{w}.new_block_ids_to_zero")
+    if so.kv_cache_block_copies:
+        if len(so.kv_cache_block_copies) > lim.num_blocks:
+            raise WireError(f"{w}.kv_cache_block_copies lists more copies than blocks")
+        for c in so.kv_cache_block_copies:
+            if not (0 <= c.src_block_id < lim.num_blocks and 0 <= c.dst_block_id < lim.num_blocks):
+                raise WireError(f"{w}.kv_cache_block_copies has {c.src_block_id}->{c.dst_block_id}, outside "
+                                f"[0, {lim.num_blocks})")
+    ncp = so.num_common_prefix_blocks
+    if ncp:
+        if len(ncp) != lim.kv_groups:
+            raise WireError(f"{w}.num_common_prefix_blocks has {len(ncp)} entries for {lim.kv_groups} groups")
+        _span(ncp, 0, lim.max_blocks_per_req + 1, f"{w}.num_common_prefix_blocks")
+    for name in ("finished_req_ids", "preempted_req_ids"):
+        ids = getattr(so, name) or ()
+        if any(not r or len(r) > MAX_REQ_ID_LEN for r in ids):
+            raise WireError(f"{w}.{name}: request ids must be 1..{MAX_REQ_ID_LEN} characters")
+
+
+def check_hidden_states(hidden: Any, so: SchedulerOutput, lim: Any) -> None:
+    """The intermediate tensors a stage receives: exactly ``lim.hidden_names`` (LlamaModel's
+    ``hidden_states`` and ``residual``), each of shape (rows, hidden_size) in the session's dtype,
+    with rows = total_num_scheduled_tokens (up to ``max_row_padding`` more for a padded sender).
+    An empty step carries none (None or an empty map)."""
+    total = so.total_num_scheduled_tokens
+    if total == 0:
+        if hidden:
+            raise WireError("hidden states sent for a step with no scheduled tokens")
+        return
+    if not isinstance(hidden, dict):
+        raise WireError(f"hidden states must be a map of {list(lim.hidden_names)}, got {type(hidden).__name__}")
+    if set(hidden) != set(lim.hidden_names):
+        raise WireError(f"hidden states carry {sorted(hidden)[:4]}, expected {list(lim.hidden_names)}")
+    want_dtype = getattr(torch, lim.dtype, None)
+    for name, t in hidden.items():
+        if not isinstance(t, torch.Tensor):
+            raise WireError(f"hidden[{name!r}] is not a tensor")
+        if t.dim() != 2 or t.shape[1] != lim.hidden_size or not total <= t.shape[0] <= total + lim.max_row_padding:
+            raise WireError(f"hidden[{name!r}] has shape {tuple(t.shape)}, expected ({total}, {lim.hidden_size})")
+        if t.dtype != want_dtype:
+            raise WireError(f"hidden[{name!r}] has dtype {str(t.dtype).removeprefix('torch.')}, the session uses "
+                            f"{lim.dtype}")
+
+
+def check_model_runner_output(out: ModelRunnerOutput, so: SchedulerOutput, lim: Any) -> None:
+    """Check the last stage's result for step ``so`` (on the head, before vLLM's scheduler reads
+    it): one entry per scheduled request (the model runner's batch order, which may differ from
+    the scheduler's), req_id_to_index its inverse, sampled token ids in the vocabulary with at most
+    1 + the request's speculative tokens each, logprob arrays of consistent shapes (rows = sampled
+    positions, columns <= max_logprobs + 1), prompt logprobs only for requests of this step (and,
+    for requests new in this step, only if they asked)."""
+    w = "ModelRunnerOutput"
+    nst = so.num_scheduled_tokens
+    ids = out.req_ids
+    if len(ids) != len(nst) or set(ids) != nst.keys():
+        raise WireError(f"{w}.req_ids lists {len(ids)} requests, the step scheduled {len(nst)} (or other ids)")
+    idx = out.req_id_to_index
+    if len(idx) != len(ids) or any(idx.get(r) != i for i, r in enumerate(ids)):
+        raise WireError(f"{w}.req_id_to_index does not match req_ids")
+    sampled = out.sampled_token_ids
+    if len(sampled) != len(ids):
+        raise WireError(f"{w}.sampled_token_ids has {len(sampled)} entries for {len(ids)} requests")
+    spec = so.scheduled_spec_decode_tokens
+    vocab = lim.vocab_size
+    positions = 0
+    for i, toks in enumerate(sampled):
+        cap = 1 + len(spec.get(ids[i], ()))
+        if len(toks) > cap:
+            raise WireError(f"{w}.sampled_token_ids[{i}] has {len(toks)} tokens, at most {cap} expected")
+        _span(toks, 0, vocab, f"{w}.sampled_token_ids[{i}]")
+        positions += len(toks)
+    lp = out.logprobs
+    if lp is not None:
+        cu = lp.cu_num_generated_tokens
+        rows = len(ids) if cu is None else None
+        if cu is not None:
+            if len(cu) != len(ids) + 1 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+                raise WireError(f"{w}.logprobs.cu_num_generated_tokens is not {len(ids) + 1} non-decreasing offsets from 0")
+            rows = cu[-1]
+            if rows > len(ids) * (1 + lim.max_spec_tokens):
+                raise WireError(f"{w}.logprobs has {rows} rows for {len(ids)} requests")
+        ltid, lps, ranks = lp.logprob_token_ids, lp.logprobs, lp.sampled_token_ranks
+        if ltid.ndim != 2 or lps.shape != ltid.shape or ranks.shape != (ltid.shape[0],) or ltid.shape[0] != rows:
+            raise WireError(f"{w}.logprobs arrays have shapes {ltid.shape}/{lps.shape}/{ranks.shape}, expected "
+                            f"({rows}, k)/({rows}, k)/({rows},)")
+        if not 1 <= ltid.shape[1] <= lim.max_logprobs + 1:
+            raise WireError(f"{w}.logprobs has {ltid.shape[1]} columns, at most {lim.max_logprobs + 1} allowed")
+        if ltid.dtype.kind not in "iu" or ranks.dtype.kind not in "iu" or lps.dtype.kind != "f":
+            raise WireError(f"{w}.logprobs arrays have dtypes {ltid.dtype}/{lps.dtype}/{ranks.dtype}")
+        if ltid.size and (int(ltid.min()) < 0 or int(ltid.max()) >= vocab):
+            raise WireError(f"{w}.logprobs.logprob_token_ids holds ids outside [0, {vocab})")
+        if ranks.size and int(ranks.min()) < 0:
+            raise WireError(f"{w}.logprobs.sampled_token_ranks holds a negative rank")
+    asked = {r.req_id: r.sampling_params is not None and r.sampling_params.prompt_logprobs is not None
+             for r in so.scheduled_new_reqs}
+    for r, t in out.prompt_logprobs_dict.items():
+        where = f"{w}.prompt_logprobs_dict[{r!r}]"
+        if r not in nst:
+            raise WireError(f"{where}: the request was not scheduled in this step")
+        if t is None:
+            continue
+        if asked.get(r) is False:
+            raise WireError(f"{where}: the request did not ask for prompt logprobs")
+        a, b, c = t.logprob_token_ids, t.logprobs, t.selected_token_ranks
+        if a.dim() != 2 or b.shape != a.shape or c.dim() != 1 or c.shape[0] != a.shape[0] or a.shape[0] > nst[r]:
+            raise WireError(f"{where} has shapes {tuple(a.shape)}/{tuple(b.shape)}/{tuple(c.shape)} for {nst[r]} "
+                            "scheduled tokens")
+        if not 1 <= a.shape[1] <= lim.max_logprobs + 1:
+            raise WireError(f"{where} has {a.shape[1]} columns, at most {lim.max_logprobs + 1} allowed")
+        if a.dtype.is_floating_point or c.dtype.is_floating_point or not b.dtype.is_floating_point:
+            raise WireError(f"{where} has dtypes {a.dtype}/{b.dtype}/{c.dtype}")
+        if a.numel() and (int(a.min()) < 0 or int(a.max()) >= vocab):
+            raise WireError(f"{where} holds token ids outside [0, {vocab})")
+    for r, t in out.prompt_token_id_logprobs_dict.items():
+        if r not in nst or t.dim() > 2 or (t.dim() and t.shape[0] > nst[r]):
+            raise WireError(f"{w}.prompt_token_id_logprobs_dict[{r!r}] does not fit the step")
+    if out.pooler_output is not None:
+        raise WireError(f"{w}.pooler_output is set: pooling is not served across stages")
+    if out.num_nans_in_logits and not out.num_nans_in_logits.keys() <= nst.keys():
+        raise WireError(f"{w}.num_nans_in_logits names requests not scheduled in this step")
+    sm = out.sampling_masks
+    if sm is not None:
+        t = sm.token_ids
+        if t.ndim != 1 or t.dtype.kind not in "iu" or (t.size and (int(t.min()) < 0 or int(t.max()) >= vocab)):
+            raise WireError(f"{w}.sampling_masks.token_ids must be token ids")
+        if sm.offsets is not None:
+            o = sm.offsets
+            if o.ndim != 1 or o.dtype.kind not in "iu" or (o.size and (int(o.min()) < 0 or int(o.max()) > t.size)) \
+                    or (o.size > 1 and bool((np.diff(o) < 0).any())):
+                raise WireError(f"{w}.sampling_masks.offsets must be non-decreasing offsets into token_ids")
+        cu = sm.cu_num_generated_tokens
+        if cu is not None and (len(cu) != len(ids) + 1 or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:]))):
+            raise WireError(f"{w}.sampling_masks.cu_num_generated_tokens is not {len(ids) + 1} offsets from 0")

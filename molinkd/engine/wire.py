@@ -33,9 +33,16 @@ Frame types (``t``) and bodies (``b``):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from molinkd.limits import MAX_ROUTE_LEN
 from p2p.framing import FrameError, require
+
+MAX_ID_LEN = 256  # session ids, peer ids, model hashes
+MAX_ADDR_LEN = 512
+MAX_BLOCKS = 1 << 31
+DTYPES = frozenset({"bfloat16", "float16", "float32"})
 
 HELLO = "eng.hello"
 HELLO_OK = "eng.hello_ok"
@@ -84,6 +91,20 @@ def session_body(
     }
 
 
+def _short_str(b: Any, key: str, limit: int = MAX_ID_LEN) -> str:
+    v = require(b, key, str)
+    if len(v) > limit:
+        raise FrameError(f"field {key!r} is longer than {limit} characters")
+    return v
+
+
+def _pos_int(b: Any, key: str, lo: int = 1, hi: int = 1 << 31) -> int:
+    v = require(b, key, int)
+    if not lo <= v <= hi:
+        raise FrameError(f"field {key!r} is {v}, outside [{lo}, {hi}]")
+    return v
+
+
 def check_session_body(b: Any) -> dict:
     """Validate a hello/open body (raises FrameError naming the bad field)."""
     for key, kind in (
@@ -101,14 +122,24 @@ def check_session_body(b: Any) -> dict:
         ("stages", list),
     ):
         require(b, key, kind)
+    _short_str(b, "session")
+    _short_str(b, "model_hash")
+    if b["dtype"] not in DTYPES:
+        raise FrameError(f"dtype {b['dtype'][:32]!r} is not one of {sorted(DTYPES)}")
+    _pos_int(b, "num_layers", 1, 1 << 20)
+    _pos_int(b, "max_model_len", 1, 1 << 24)
+    _pos_int(b, "max_num_seqs", 1, 1 << 16)
+    _pos_int(b, "max_num_batched_tokens", 1, 1 << 24)
+    _pos_int(b, "block_size", 0, 1 << 16)
+    _pos_int(b, "num_blocks", 0, MAX_BLOCKS)
     route = b["route"]
-    if not 2 <= len(route) <= 64:
-        raise FrameError(f"route must have 2..64 stages, got {len(route)}")
+    if not 2 <= len(route) <= MAX_ROUTE_LEN:
+        raise FrameError(f"route must have 2..{MAX_ROUTE_LEN} stages, got {len(route)}")
     pos = 0
     for i, hop in enumerate(route):
         start, end = require(hop, "start", int), require(hop, "end", int)
-        require(hop, "peer", str)
-        require(hop, "addr", str)
+        _short_str(hop, "peer")
+        _short_str(hop, "addr", MAX_ADDR_LEN)
         if start != pos or end <= start:
             raise FrameError(f"route stage {i} span {start}:{end} does not continue at layer {pos}")
         pos = end
@@ -116,18 +147,93 @@ def check_session_body(b: Any) -> dict:
         raise FrameError(f"route ends at layer {pos}, the model has {b['num_layers']}")
     if not 1 <= b["stage"] < len(route):
         raise FrameError(f"stage index {b['stage']} outside 1..{len(route) - 1}")
+    if len(b["stages"]) >= b["stage"]:
+        raise FrameError(f"{len(b['stages'])} stage descriptions before stage {b['stage']}")
+    for i, st in enumerate(b["stages"]):
+        _check_stage_entry(st, i + 1, route, peers=False)
     return b
 
 
-def check_step_body(b: Any) -> dict:
+def check_step_body(b: Any, max_timings: int = MAX_ROUTE_LEN) -> dict:
+    """Validate an ``eng.step`` body's envelope; ``max_timings`` is the route's length (one
+    ``[peer, ms]`` pair per stage at most)."""
     require(b, "step", int)
     require(b, "sched", dict)
     require(b, "sample", bool)
     if b.get("hidden") is not None and not isinstance(b["hidden"], dict):
         raise FrameError("field 'hidden' must be a map of tensors or None")
-    t = b.get("timings")
-    if t is not None and (not isinstance(t, list) or len(t) > 64):
-        raise FrameError("field 'timings' must be a list of at most 64 [peer, ms] pairs")
+    check_timings(b.get("timings"), max_timings)
     if b.get("grammar") is not None and not isinstance(b["grammar"], dict):
         raise FrameError("field 'grammar' must be a map or None")
+    return b
+
+
+def check_timings(t: Any, max_timings: int = MAX_ROUTE_LEN) -> None:
+    """None, or a list of at most ``max_timings`` ``[peer id, milliseconds]`` pairs."""
+    if t is None:
+        return
+    if not isinstance(t, list) or len(t) > max_timings:
+        raise FrameError(f"field 'timings' must be a list of at most {max_timings} [peer, ms] pairs")
+    for item in t:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or len(item[0]) > MAX_ID_LEN
+            or isinstance(item[1], bool)
+            or not isinstance(item[1], (int, float))
+            or not (math.isfinite(item[1]) and 0 <= item[1] < 1e9)
+        ):
+            raise FrameError("field 'timings' must hold [peer id, milliseconds >= 0] pairs")
+
+
+def _check_stage_entry(st: Any, index: int, route: list[dict], *, peers: bool) -> dict:
+    where = f"stages[{index - 1}]"
+    if not isinstance(st, dict):
+        raise FrameError(f"{where} must be a map")
+    try:
+        got = require(st, "index", int)
+        start, end = require(st, "start", int), require(st, "end", int)
+        _pos_int(st, "max_blocks", 1, MAX_BLOCKS)
+        peer = _short_str(st, "peer")
+    except FrameError as e:
+        raise FrameError(f"{where}: {e}") from None
+    if got != index:
+        raise FrameError(f"{where} says it is stage {got}, its position makes it stage {index}")
+    hop = route[index]
+    if (start, end) != (hop["start"], hop["end"]):
+        raise FrameError(f"{where} serves {start}:{end}, the route gives stage {index} {hop['start']}:{hop['end']}")
+    if peers and peer != hop["peer"]:
+        raise FrameError(f"{where} is peer {peer[:64]!r}, the route names {hop['peer'][:64]!r} for stage {index}")
+    return st
+
+
+def check_hello_ok(b: Any, route: list[dict], *, session: str | None = None, peers: bool = True) -> dict:
+    """Validate the last stage's ``eng.hello_ok`` on the head: one entry per remote stage, in route
+    order, each with its index (= its position + 1), the route's span, ``max_blocks`` >= 1 and (with
+    ``peers``) the peer id the route names. Raises FrameError naming the entry."""
+    if not isinstance(b, dict):
+        raise FrameError("hello_ok body must be a map")
+    sid = _short_str(b, "session")
+    if session is not None and sid != session:
+        raise FrameError(f"hello_ok is for session {sid[:16]!r}, not ours")
+    stages = require(b, "stages", list)
+    if len(stages) != len(route) - 1:
+        raise FrameError(f"hello_ok describes {len(stages)} stages, the route has {len(route) - 1} after the head")
+    for i, st in enumerate(stages):
+        _check_stage_entry(st, i + 1, route, peers=peers)
+    return b
+
+
+def check_open_ok(b: Any, *, session: str | None = None, num_blocks: int | None = None) -> dict:
+    """Validate ``eng.open_ok``: ``{"session": str, "num_blocks": int >= 1}`` (equal to what was
+    asked when ``num_blocks`` is given)."""
+    if not isinstance(b, dict):
+        raise FrameError("open_ok body must be a map")
+    sid = _short_str(b, "session")
+    if session is not None and sid != session:
+        raise FrameError(f"open_ok is for session {sid[:16]!r}, not ours")
+    n = _pos_int(b, "num_blocks", 1, MAX_BLOCKS)
+    if num_blocks is not None and n != num_blocks:
+        raise FrameError(f"open_ok reports {n} KV blocks, {num_blocks} were asked")
     return b

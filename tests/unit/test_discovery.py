@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import time
+
 import msgpack
 import pytest
 import trio
@@ -111,7 +113,7 @@ async def test_validator_drops_and_counts(mock_clock: trio.testing.MockClock) ->
         await nursery.start(da.run)
 
         def rec(pid: str, mh: str = H) -> bytes:
-            return encode_record(PeerRecord(pid, ("/m",), "m", mh, 0, 30, 30, time=1.0))
+            return encode_record(PeerRecord(pid, ("/m",), "m", mh, 0, 30, 30, time=time.time()))
 
         topic = topic_for(H)
         for data in (b"junk", msgpack.packb([1, 2]), rec("A"), rec("Y"), rec("X", "ff" * 32), rec("X")):
@@ -147,3 +149,36 @@ def test_record_fn_errors_are_clear() -> None:
     d = Discovery(FakeNode(Bus(), "A"), H, lambda: {"span_start": 0}, period=1.0)
     with pytest.raises(ValueError, match="record_fn"):
         d.my_record()
+
+
+@pytest.mark.trio
+async def test_replayed_future_and_crowded_records_dropped(mock_clock: trio.testing.MockClock) -> None:
+    bus = Bus()
+    a = FakeNode(bus, "A")
+    wall = [1_000_000.0]
+    da = Discovery(a, H, fields(0, 30), period=1.0, clock=trio.current_time, wall_clock=lambda: wall[0],
+                   max_per_ip=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(da.run)
+        topic = topic_for(H)
+
+        def rec(pid: str, t: float, ip: str = "10.0.0.9") -> bytes:
+            return encode_record(PeerRecord(pid, (f"/ip4/{ip}/tcp/1",), "m", H, 0, 30, 30, time=t))
+
+        fresh = rec("X", wall[0] - 1)
+        await bus.publish("X", topic, fresh)
+        await bus.publish("Y", topic, rec("Y", wall[0] - 10 * da.ttl))  # old: replayed
+        await bus.publish("Z", topic, rec("Z", wall[0] + 3600))  # an hour ahead
+        await bus.publish("W", topic, rec("W", wall[0]))
+        await bus.publish("V", topic, rec("V", wall[0]))  # third peer on 10.0.0.9
+        await trio.sleep(0.1)
+        s = da.stats
+        assert (s["dropped_old"], s["dropped_future"], s["dropped_ip_full"]) == (1, 1, 1)
+        assert [r.peer_id for r in da.table.snapshot()] == ["A", "W", "X"]
+        # the same fresh record replayed later, after X went silent and expired: refused
+        await trio.sleep(da.ttl + 1)
+        wall[0] += da.max_record_age + 1
+        await bus.publish("X", topic, fresh)
+        await trio.sleep(0.1)
+        assert da.stats["dropped_old"] == 2 and "X" not in da.table
+        nursery.cancel_scope.cancel()

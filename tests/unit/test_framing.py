@@ -34,7 +34,7 @@ def test_oversized_frame_refused_before_buffering():
 
 
 @pytest.mark.parametrize("payload,msg", [
-    (b"\xc1", "undecodable"),
+    (b"\xc1", "reserved"),
     (msgpack.packb([1, 2]), "map"),
     (msgpack.packb({"v": 99, "t": "x"}), "unsupported frame version"),
     (msgpack.packb({"v": 1, "t": 5}), "type a string"),

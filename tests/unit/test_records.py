@@ -132,9 +132,8 @@ def test_empty_span_must_be_zero_zero() -> None:
 
 
 def test_huge_record_refused_both_ways() -> None:
-    big = rec(extras={"blob": "x" * (MAX_RECORD_BYTES + 10)})
-    with pytest.raises(RecordError, match="limit"):
-        encode_record(big)
+    with pytest.raises(RecordError, match="extras are over"):
+        rec(extras={"blob": "x" * (MAX_RECORD_BYTES + 10)})
     wire = rec().to_wire()
     wire["extras"] = {"blob": "x" * (MAX_RECORD_BYTES + 10)}
     with pytest.raises(RecordError, match="limit"):
@@ -246,3 +245,94 @@ def test_coverage_empty() -> None:
 def test_to_dict_is_plain() -> None:
     d = rec(extras={"http": "x"}).to_dict()
     assert d["addrs"] == ["/ip4/127.0.0.1/tcp/1"] and d["schema"] == 1 and math.isclose(d["throughput"], 12.5)
+
+
+# ---------------------------------------------------------------------------- hostile records
+
+
+def test_timestamp_ext_in_a_record_is_refused() -> None:
+    # msgpack decodes the timestamp ext (-1) natively, without calling ext_hook
+    wire = rec().to_wire()
+    wire["extras"] = {"when": msgpack.Timestamp(1, 0)}
+    with pytest.raises(RecordError, match="extension type -1"):
+        decode_record(msgpack.packb(wire))
+    wire = rec().to_wire()
+    wire["time"] = msgpack.Timestamp(10**9, 0)
+    with pytest.raises(RecordError, match="extension"):
+        decode_record(msgpack.packb(wire))
+
+
+@pytest.mark.parametrize(
+    "extras,match",
+    [
+        ({"b": b"raw"}, "bytes"),
+        ({"f": float("nan")}, "finite"),
+        ({"f": [1.0, float("inf")]}, "finite"),
+        ({"deep": {"a": {"b": {"c": {"d": 1}}}}}, "deeper"),
+        ({"deep": [[[[1]]]]}, "deeper"),
+        ({"many": ["x" * 100] * 200}, "over"),
+        ({"k": {1: "int key"}}, "keys"),
+        ({"s": {1, 2}}, "set"),
+    ],
+)
+def test_extras_only_plain_bounded_data(extras: dict, match: str) -> None:
+    with pytest.raises(RecordError, match=match):
+        rec(extras=extras)
+    if match not in ("set", "keys"):  # not encodable by a peer in a way that decodes to these
+        wire = rec().to_wire()
+        wire["extras"] = extras
+        with pytest.raises(RecordError):
+            decode_record(msgpack.packb(wire, use_bin_type=True))
+
+
+def test_extras_within_bounds_accepted_and_json_safe() -> None:
+    import json
+
+    r = rec(extras={"rtt": {f"p{i}": i * 1.5 for i in range(16)}, "route": ["a", "b"], "x": None,
+                    "nested": {"a": {"b": [1, True]}}})
+    back = decode_record(encode_record(r))
+    d = back.to_dict()
+    assert json.loads(json.dumps(d, allow_nan=False))["extras"] == json.loads(json.dumps(r.to_dict()))["extras"]
+    d["extras"]["route"].append("mutated")  # a copy: the record is unchanged
+    assert back.extras["route"] == ["a", "b"]
+
+
+def test_check_fresh_bounds_signed_time() -> None:
+    from p2p.records import check_fresh
+
+    now = 1_000_000.0
+    assert check_fresh(rec(t=now - 11.9), now, max_age=12.0) is None
+    assert check_fresh(rec(t=now - 12.1), now, max_age=12.0) == "old"
+    assert check_fresh(rec(t=now + 59.0), now, max_age=12.0) is None
+    assert check_fresh(rec(t=now + 61.0), now, max_age=12.0) == "future"
+
+
+def test_per_ip_cap() -> None:
+    t = PeerTable(ttl=5.0, max_per_ip=2)
+    ip = ["/ip4/10.0.0.1/tcp/1"]
+    assert t.update(rec("A", addrs=ip), now=0.0) == "added"
+    assert t.update(rec("B", addrs=["/ip4/10.0.0.1/tcp/2/p2p/B"]), now=0.0) == "added"
+    assert t.update(rec("C", addrs=ip), now=0.0) == "ip_full"
+    assert t.update(rec("C", addrs=["/ip4/10.0.0.2/tcp/1", *ip]), now=0.0) == "ip_full"  # any full host
+    # relayed addresses name the relay, not the peer: not counted
+    assert t.update(rec("D", addrs=["/ip4/10.0.0.1/tcp/1/p2p/R/p2p-circuit/p2p/D"]), now=0.0) == "added"
+    # renewals of peers already counted are never refused
+    assert t.update(rec("A", addrs=ip, t=101.0), now=1.0) == "renewed"
+    assert t.peers_at("10.0.0.1") == 2
+    # a peer moving away frees its slot; IPv6 spellings are one host
+    assert t.update(rec("A", addrs=["/ip6/::1/tcp/1"], t=102.0), now=1.0) == "renewed"
+    assert t.update(rec("C", addrs=ip), now=1.0) == "added"
+    assert t.update(rec("E", addrs=["/ip6/0:0::1/tcp/9"]), now=1.0) == "added"
+    assert t.peers_at("::1") == 2
+    # expiry and offline records free slots too
+    assert t.update(rec("B", addrs=ip, t=200.0, state="offline"), now=2.0) == "removed"
+    assert t.peers_at("10.0.0.1") == 1
+    t.expire(now=10.0)
+    assert t.peers_at("10.0.0.1") == 0 and t.peers_at("::1") == 0 and len(t) == 0
+
+
+def test_offline_tombstone_outlives_the_replay_window() -> None:
+    t = PeerTable(ttl=6.0)  # records stay fresh for 2 ttl: the tombstone lasts as long
+    t.update(rec("A", t=5.0), now=0.0)
+    t.update(rec("A", t=6.0, state="offline"), now=1.0)
+    assert t.update(rec("A", t=5.0), now=1.0 + 11.0) == "stale"  # replay of the last online record
