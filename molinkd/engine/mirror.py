@@ -146,13 +146,15 @@ def _so(new: list, cached: Any, sched: dict[str, int], finished: set[str] | None
         scheduled_encoder_inputs={}, finished_req_ids=set(finished or ()), free_encoder_mm_hashes=[])
 
 
-def _cached(items: list[tuple[str, int]]) -> Any:
-    """CachedRequestData for ``(req_id, num_computed_tokens)`` pairs: no new blocks, no tokens."""
+def _cached(items: list[tuple[str, int, list[int]]]) -> Any:
+    """CachedRequestData for ``(req_id, num_computed_tokens, scheduled token ids)``: no new blocks.
+    With pipeline parallelism vLLM sends the scheduled tokens as ``new_token_ids``; a runner only
+    appends those beyond the tokens it knows (none here)."""
     from vllm.v1.core.sched.output import CachedRequestData
 
     return CachedRequestData(
-        req_ids=[rid for rid, _ in items], resumed_req_ids=set(), new_token_ids=[[] for _ in items],
-        all_token_ids={}, new_block_ids=[None for _ in items], num_computed_tokens=[n for _, n in items],
+        req_ids=[i[0] for i in items], resumed_req_ids=set(), new_token_ids=[list(i[2]) for i in items],
+        all_token_ids={}, new_block_ids=[None for _ in items], num_computed_tokens=[i[1] for i in items],
         num_output_tokens=[0 for _ in items])
 
 
@@ -165,10 +167,10 @@ def _new(rid: str, r: MirroredRequest, prompt: list[int]) -> Any:
 
 
 def rebuild_plan(mirror: RequestMirror, *, max_tokens: int, max_seqs: int,
-                 head_order: list[str], head_computed: dict[str, int]) -> list[RebuildStep]:
+                 head_order: list[str], head_computed: dict[str, tuple[int, int]]) -> list[RebuildStep]:
     """Synthetic steps that rebuild a fresh tail to the mirror's state, then restore the head's
-    own batch to ``head_order`` (its runner's batch now, each request with ``head_computed`` tokens
-    of KV). Raises :class:`NotRebuildable`."""
+    own batch to ``head_order`` (its runner's batch now; ``head_computed[req]`` = (tokens of KV it
+    holds, the token id at the last of those positions)). Raises :class:`NotRebuildable`."""
     if max_tokens < 1 or max_seqs < 1:
         raise ValueError("budgets must be positive")
     reqs = mirror.requests
@@ -187,11 +189,15 @@ def rebuild_plan(mirror: RequestMirror, *, max_tokens: int, max_seqs: int,
             raise NotRebuildable(f"request {rid} has {reqs[rid].computed} computed token(s): "
                                  "its batch position cannot be restored")
     for rid in head_order:
-        if head_computed.get(rid, 0) < 1:
+        if head_computed.get(rid, (0, 0))[0] < 1:
             raise NotRebuildable(f"request {rid} is in the head's batch with nothing computed")
 
     def temp(rid: str) -> str:
         return TEMP_PREFIX + rid
+
+    def last_of(rid: str) -> tuple[int, list[int]]:
+        c = reqs[rid].computed
+        return c - 1, reqs[rid].tokens[c - 1:c]
 
     # 1. prefill: each request's computed tokens (all but the last for the ordered ones)
     work = [(rid, r.computed - (1 if rid in last else 0)) for rid, r in reqs.items()]
@@ -222,8 +228,9 @@ def rebuild_plan(mirror: RequestMirror, *, max_tokens: int, max_seqs: int,
                     head = _so([_new(temp(rid), r, r.tokens[:r.computed])], _cached([]), {temp(rid): k})
                     tail = _so([_new(rid, r, r.tokens)], _cached([]), {rid: k})
                 else:
-                    head = _so([], _cached([(temp(rid), done)]), {temp(rid): k})
-                    tail = _so([], _cached([(rid, done)]), {rid: k})
+                    toks = r.tokens[done:done + k]
+                    head = _so([], _cached([(temp(rid), done, toks)]), {temp(rid): k})
+                    tail = _so([], _cached([(rid, done, toks)]), {rid: k})
                 steps.append(RebuildStep(head=head, tail=tail))
                 done += k
             continue
@@ -239,12 +246,11 @@ def rebuild_plan(mirror: RequestMirror, *, max_tokens: int, max_seqs: int,
         if len(in_batch) > max_seqs:
             raise NotRebuildable(f"{len(in_batch)} requests in the batch exceed max_num_seqs {max_seqs}")
         steps.append(RebuildStep(
-            head=_so([], _cached([(temp(rid), reqs[rid].computed - 1) for rid in in_batch]),
-                     {temp(rid): 1 for rid in in_batch}),
-            tail=_so([], _cached([(rid, reqs[rid].computed - 1) for rid in in_batch]), {rid: 1 for rid in in_batch})))
+            head=_so([], _cached([(temp(rid), *last_of(rid)) for rid in in_batch]), {temp(rid): 1 for rid in in_batch}),
+            tail=_so([], _cached([(rid, *last_of(rid)) for rid in in_batch]), {rid: 1 for rid in in_batch})))
     # 3. the head: drop the temporaries, put its own batch back (head-only step)
     temps = {temp(rid) for rid in reqs}
-    restore = _so([], _cached([(rid, head_computed[rid] - 1) for rid in head_order]),
+    restore = _so([], _cached([(rid, head_computed[rid][0] - 1, [head_computed[rid][1]]) for rid in head_order]),
                   {rid: 1 for rid in head_order}, finished=temps)
     steps.append(RebuildStep(head=restore, tail=None))
     return steps

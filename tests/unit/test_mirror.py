@@ -75,7 +75,7 @@ def test_unknown_request_is_a_mirror_error():
 
 def test_rebuild_plan_reproduces_state_and_batch_order():
     m = two_decoding()
-    steps = rebuild_plan(m, max_tokens=64, max_seqs=8, head_order=["b", "a"], head_computed={"a": 7, "b": 5})
+    steps = rebuild_plan(m, max_tokens=64, max_seqs=8, head_order=["b", "a"], head_computed={"a": (7, 12), "b": (5, 22)})
     # prefill (all but the last computed position of each batched request), clear, ordered, head restore
     assert len(steps) == 4
     pre = steps[0].tail
@@ -96,6 +96,8 @@ def test_rebuild_plan_reproduces_state_and_batch_order():
     assert restore.head.finished_req_ids == {TEMP_PREFIX + "a", TEMP_PREFIX + "b"}
     assert restore.head.scheduled_cached_reqs.req_ids == ["b", "a"]
     assert restore.head.scheduled_cached_reqs.num_computed_tokens == [4, 6]
+    assert restore.head.scheduled_cached_reqs.new_token_ids == [[22], [12]]
+    assert fin.new_token_ids == [[20], [10]]  # the token at each one's last computed position
     # every tail step's rows match the head step's rows one for one
     for s in steps[:3]:
         assert sorted(s.head.num_scheduled_tokens.values()) == sorted(s.tail.num_scheduled_tokens.values())
@@ -119,6 +121,7 @@ def test_rebuild_plan_respects_budgets_and_chunks_long_requests():
     assert [c.total_num_scheduled_tokens for c in chunks] == [40, 40, 20]
     assert chunks[1].scheduled_cached_reqs.num_computed_tokens == [40]
     assert chunks[2].scheduled_cached_reqs.num_computed_tokens == [80]
+    assert chunks[2].scheduled_cached_reqs.new_token_ids == [list(range(80, 100))]
 
 
 def test_not_rebuildable_cases():
@@ -133,6 +136,21 @@ def test_not_rebuildable_cases():
 
 
 def test_empty_mirror_only_restores_the_head():
-    steps = rebuild_plan(RequestMirror(), max_tokens=8, max_seqs=2, head_order=["z"], head_computed={"z": 3})
+    steps = rebuild_plan(RequestMirror(), max_tokens=8, max_seqs=2, head_order=["z"], head_computed={"z": (3, 4)})
     assert len(steps) == 1 and steps[0].tail is None
     assert steps[0].head.scheduled_cached_reqs.req_ids == ["z"]
+
+
+def test_rebuild_steps_pass_the_stage_checks():
+    """Every synthetic tail step is a valid SchedulerOutput for the session's limits."""
+    from molinkd.engine import schedwire
+    from molinkd.limits import SessionLimits
+
+    lim = SessionLimits(num_blocks=64, block_size=16, max_num_seqs=8, max_num_batched_tokens=64,
+                        max_model_len=256, vocab_size=1000, hidden_size=8, dtype="float32")
+    m = two_decoding()
+    for s in rebuild_plan(m, max_tokens=64, max_seqs=8, head_order=["b", "a"], head_computed={"a": (7, 12), "b": (5, 22)}):
+        for so in (s.head, s.tail):
+            if so is not None:
+                wire = schedwire.decode_scheduler_output(schedwire.encode_scheduler_output(so))
+                schedwire.check_scheduler_output(wire, lim)
