@@ -156,7 +156,8 @@ class Daemon:
             stats = {}
         stage_ms = stats.get("stage_ms") or {}
         stages = [dict(h, step_ms=stage_ms.get(h["peer"])) for h in self.route]
-        return stages, {"round_trip_ms": stats.get("round_trip_ms"), "steps": stats.get("steps", 0)}
+        return stages, {"round_trip_ms": stats.get("round_trip_ms"), "steps": stats.get("steps", 0),
+                        "failovers": stats.get("failovers") or []}
 
     # -- role ---------------------------------------------------------------------------------
 
@@ -335,7 +336,7 @@ def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) ->
     def check() -> None:
         present = {r.peer_id for r in d.disc.snapshot() if r.online} if d.disc else set()
         now = time.monotonic()
-        for h in hops[1:]:
+        for h in (d.route or hops)[1:]:  # the route in use: the engine may have failed over
             peer = h["peer"]
             if peer in present:
                 missing_since.pop(peer, None)
@@ -384,7 +385,10 @@ async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED, extra:
             await trio.to_thread.run_sync(engine.shutdown, abandon_on_cancel=True)
 
 
-def _stage_records(d: Daemon) -> list:
+AVOIDED_LOAD = 1e6  # a peer the engine suspects: routed through only if nothing else serves its span
+
+
+def _stage_records(d: Daemon, avoid: set[str] | frozenset[str] = frozenset()) -> list:
     from molinkd.routing import PeerRecord as RoutePeer
 
     out = []
@@ -396,28 +400,99 @@ def _stage_records(d: Daemon) -> list:
         if holder and holder != d.node.peer_id:
             continue  # serves another head: one head per stage at a time
         load = min(1.0, r.active_requests / max(1, d.cfg.max_num_seqs))
+        if r.peer_id in avoid:
+            load = AVOIDED_LOAD
         out.append(RoutePeer(peer_id=r.peer_id, span_start=r.span_start, span_end=r.span_end,
                              throughput=max(r.throughput, 1e-3), load=load,
                              rtt=d.rtts.get(r.peer_id), model_hash=r.model_hash))
     return out
 
 
-async def _run_head(d: Daemon) -> None:
-    """Wait for a route covering the model, start the engine on it; re-plan when it fails."""
-    from molinkd.engine.head import pipeline_engine_kwargs
+class _Replan(Exception):
+    """Probing found stages that are busy or misbehaving (now skipped or banned): plan again."""
+
+
+def _uncovered(d: Daemon, banned: set[str]) -> str:
+    """The layers after the head's span no usable stage serves, e.g. ``10:20`` (for messages)."""
+    from p2p.records import runs
+
+    served = [False] * d.model.num_layers
+    for r in _stage_records(d):
+        if r.peer_id not in banned:
+            for i in range(r.span_start, min(r.span_end, d.model.num_layers)):
+                served[i] = True
+    holes = [(a, b) for a, b in runs(served, lambda v: not v) if b > d.span[1]]
+    return ", ".join(f"{max(a, d.span[1])}:{b}" for a, b in holes) or "none (spans do not chain)"
+
+
+async def _plan_probed_route(d: Daemon, skipped: dict[str, float], avoid: set[str] = frozenset()) -> list[dict]:
+    """A route for this head through stages that answer a probe (head first, ``p2p:`` addresses).
+    Raises NoRouteError naming the layers nobody serves, or _Replan after probing."""
     from molinkd.routing import NoRouteError, PeerRecord as RoutePeer, plan_route, route_to_dicts
+
+    me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
+                   model_hash=d.model.model_hash)
+    now = time.monotonic()
+    banned = {p for p, (until, _, _) in d.banned.items() if until > now}
+    banned |= {p for p, until in skipped.items() if until > now}
+    try:
+        route = plan_route(me, _stage_records(d, avoid), d.model.num_layers, rtts=d.rtts, banned=banned)
+    except NoRouteError as e:
+        raise NoRouteError(f"layers {_uncovered(d, banned)} are served by no usable peer ({e})") from None
+    bad, busy = await _probe_route(d, route)
+    for peer in busy:
+        skipped[peer] = time.monotonic() + 5.0  # busy is not a fault: look again soon
+    for peer, why in bad.items():
+        _ban(d, peer, why)
+    if bad or busy:
+        raise _Replan()
+    return route_to_dicts(route, {h.peer_id: f"p2p:{h.peer_id}" for h in route.hops})
+
+
+def _use_route(d: Daemon, hops: list[dict]) -> None:
+    d.route = hops
+    d.route_error = None
+    _say("route: " + " -> ".join(f"{h['peer'][:12]}[{h['start']}:{h['end']})" for h in hops))
+    if d.disc is not None:
+        d.disc.announce_now()
+
+
+async def _replan_for_engine(d: Daemon, exclude: list[str], avoid: list[str]) -> list[dict]:
+    """Answer the head engine's ``p2p.route`` (in-engine failover): ban what it excludes, plan
+    around what it avoids, and take the new route as the one in use. The engine keeps running."""
+    from molinkd.routing import NoRouteError
+
+    if d.role != "head":
+        raise RuntimeError(f"this peer is a {d.role}, not a head: it plans no routes")
+    for peer in exclude:
+        if peer != d.node.peer_id:
+            _ban(d, peer, "failed in the pipeline (reported by the head's engine)")
+    skipped: dict[str, float] = {}
+    for _ in range(5):
+        try:
+            hops = await _plan_probed_route(d, skipped, set(avoid))
+        except NoRouteError as e:
+            d.route_error = str(e)
+            raise
+        except _Replan:
+            continue
+        _use_route(d, hops)
+        return hops
+    raise NoRouteError("the stages of every route found were busy or failed their probe")
+
+
+async def _run_head(d: Daemon) -> None:
+    """Wait for a route covering the model, start the engine on it; re-plan when it fails (the
+    engine fails over to a new tail by itself while it can: :mod:`molinkd.engine.failover`)."""
+    from molinkd.engine.head import pipeline_engine_kwargs
+    from molinkd.routing import NoRouteError
 
     backoff = _Backoff()
     announced_wait = False
     skipped: dict[str, float] = {}
     while True:
-        me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
-                       model_hash=d.model.model_hash)
-        now = time.monotonic()
-        banned = {p for p, (until, _, _) in d.banned.items() if until > now}
-        banned |= {p for p, until in skipped.items() if until > now}
         try:
-            route = plan_route(me, _stage_records(d), d.model.num_layers, rtts=d.rtts, banned=banned)
+            hops = await _plan_probed_route(d, skipped)
         except NoRouteError as e:
             d.route_error = str(e)
             d.engine_state = "waiting for route"
@@ -426,22 +501,14 @@ async def _run_head(d: Daemon) -> None:
                 announced_wait = True
             await trio.sleep(ROUTE_RETRY)
             continue
-        d.route_error = None
-        bad, busy = await _probe_route(d, route)
-        for peer in busy:
-            skipped[peer] = time.monotonic() + 5.0  # busy is not a fault: look again soon
-        for peer, why in bad.items():
-            _ban(d, peer, why)
-        if bad or busy:
+        except _Replan:
             continue
-        hops = route_to_dicts(route, {h.peer_id: f"p2p:{h.peer_id}" for h in route.hops})
         pps = d.cfg.pipeline_parallel_size
         if pps is not None and pps != len(hops):
             log.warning("--pipeline-parallel-size %d differs from the route found (%d stages); using the route",
                         pps, len(hops))
             _say(f"warning: --pipeline-parallel-size {pps} but the route has {len(hops)} stages; using the route")
-        d.route = hops
-        _say("route: " + " -> ".join(f"{h['peer'][:12]}[{h['start']}:{h['end']})" for h in hops))
+        _use_route(d, hops)
         kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path)
         extra_env = (("MOLINK_P2P_DIAL", d.dial_path),)
         started = time.monotonic()
@@ -693,7 +760,9 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
             lambda s, remote: serve_generate(s, remote, backend_fn=lambda: d.backend,
                                              model_hash=model.model_hash))
         await nursery.start(lambda task_status: serve_dial_socket(
-            node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial, task_status=task_status))
+            node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial,
+            plan_route=lambda exclude, avoid: _replan_for_engine(d, exclude, avoid),
+            task_status=task_status))
         nursery.start_soon(_rtt_loop, d)
         if d.auto:
             await _choose_auto_span(d)

@@ -276,25 +276,53 @@ class StageServer:
         self.steps = 0
         self._index = -1  # this stage's position in the current session's route
         self._session: Any = None  # SessionLimits once the session is open
+        self._down: Any = None  # the current session's link to the next stage
 
     def serve_forever(self, lsock: socket.socket, *, stop: threading.Event | None = None) -> None:
+        """Accept upstream connections; the newest one wins. Under a daemon every connection is a
+        session its daemon admitted (and while a session is open, only the same head's), so a new
+        one means the head replaced its route: the old session's upstream may be a hung peer that
+        never closes it, so it is closed here (its thread then ends) before the new one starts."""
         from molinkd.engine.link import FramedLink
 
         lsock.settimeout(1.0)
+        current: tuple[Any, threading.Thread] | None = None
         while stop is None or not stop.is_set():
             try:
                 conn, _ = lsock.accept()
             except TimeoutError:
                 continue
+            if current is not None:
+                old_up, old_thread = current
+                if old_thread.is_alive():
+                    log.info("a new upstream connection replaces the open session")
+                    old_up.close()
+                    self._close_down()
+                    old_thread.join(timeout=30)
+                    if old_thread.is_alive():
+                        log.error("the previous session did not end; refusing the new connection")
+                        conn.close()
+                        continue
             up = FramedLink(conn, peer="upstream")
-            try:
-                self.serve_session(up)
-            except Exception:
-                log.exception("session ended with an error")
-            finally:
-                up.close()
-                with contextlib.suppress(Exception):
-                    self.worker.forget_all_requests()
+            t = threading.Thread(target=self._session_thread, args=(up,), name="stage-session", daemon=True)
+            current = (up, t)
+            t.start()
+
+    def _session_thread(self, up: Any) -> None:
+        try:
+            self.serve_session(up)
+        except Exception:
+            log.exception("session ended with an error")
+        finally:
+            up.close()
+            with contextlib.suppress(Exception):
+                self.worker.forget_all_requests()
+
+    def _close_down(self) -> None:
+        down = self._down
+        if down is not None:
+            with contextlib.suppress(Exception):
+                down.close()
 
     def serve_session(self, up: Any) -> None:
         """Serve one upstream connection: one session (hello, open, steps, close).
@@ -360,6 +388,7 @@ class StageServer:
                         else:
                             if down is None:
                                 down, relay = self._dial_next(body, up)
+                                self._down = down
                             body["stage"] += 1
                             down.send(f.type, body)
                     else:
@@ -378,6 +407,7 @@ class StageServer:
                     return
         finally:
             self._session = None
+            self._down = None
             if down is not None:
                 down.close()
             if relay is not None:
