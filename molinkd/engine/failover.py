@@ -264,6 +264,7 @@ def rebuild_and_resend(ex: Any, link: Any, route: list[dict], session: str, stag
     with ex._send_lock:
         ex._gen += 1
         gen = ex._gen
+        ex._rebuild_steps.clear()
         ex.link = link
         ex.route = route
         ex.session = session

@@ -445,13 +445,17 @@ class PipelineExecutor(Executor):
         self._head_state = (order, {rid: computed.get(rid, 0) for rid in order})
         return order
 
-    def _commit(self, step: int, out: Any) -> None:
-        """The result of ``step`` arrived: every step up to it is now the stages' past state."""
+    def _commit(self, step: int, out: Any, gen: int) -> bool:
+        """The result of ``step`` arrived on link ``gen``: every step up to it is now the stages'
+        past state. False if that link was replaced meanwhile (the step will be re-sent)."""
         with self._send_lock:
+            if gen != self._gen:
+                return False
             while self._log and self._log[0].step <= step:
                 e = self._log.popleft()
                 self.mirror.apply_step(e.so, e.order)
             self.mirror.apply_result(out)
+            return True
 
     def _lost(self, msg: str, culprit: str | None = None, *, avoid: list[str] | tuple = ()) -> None:
         """The current link is unusable: fail over to a new tail (in a thread), or fail."""
@@ -561,7 +565,10 @@ class PipelineExecutor(Executor):
                     self._lost(msg, self.route[-1]["peer"])
                     return
                 try:
-                    self._commit(step, out)
+                    if not self._commit(step, out, gen):
+                        with self._lock:
+                            self._futures[step] = entry
+                        return
                 except Exception as e:  # the mirror lost track: no failover possible any more
                     log.error("request mirror failed at step %s: %s", step, e)
                     self.failover_wait = 0.0
