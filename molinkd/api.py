@@ -57,9 +57,11 @@ def create_app(
     *,
     api_key: str | None = None,
     on_resume: Callable[[], None] | None = None,
+    why_unavailable: Callable[[], str | None] | None = None,
 ) -> QuartTrio:
     """Build the Quart app. ``backend_fn()`` returns the current backend (or None if none yet);
-    ``on_resume()`` is called whenever a request is resumed on a new backend."""
+    ``on_resume()`` is called whenever a request is resumed on a new backend; ``why_unavailable()``
+    explains a missing backend in 503 answers (e.g. which layers no peer serves)."""
     app = QuartTrio("molinkd")
     # Size is checked in _body(), which drains an oversized body before answering 413: clients that
     # upload before reading (most do) would otherwise block on a full socket and never see the 413.
@@ -110,7 +112,7 @@ def create_app(
     def _backend() -> Any:
         b = backend_fn()
         if b is None:
-            raise no_backend()
+            raise no_backend(why_unavailable() if why_unavailable is not None else None)
         return b
 
     @app.get("/health")
@@ -155,7 +157,7 @@ def create_app(
 
     async def _run(req: GenerationRequest, streamer, finisher) -> Response:
         req.request_id = req.request_id or uuid.uuid4().hex
-        events = resilient_stream(req, backend_fn, on_resume=on_resume)
+        events = resilient_stream(req, backend_fn, on_resume=on_resume, why_unavailable=why_unavailable)
         # Pull the first event before answering, so validation errors get a proper status code.
         try:
             first = await events.__anext__()

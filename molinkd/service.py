@@ -736,7 +736,8 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
     from p2p.host import NodeConfig, open_node
 
     d = Daemon(cfg, model, runtime_dir)
-    app = create_app(d.current_backend, d.status, api_key=cfg.api_key, on_resume=d.count_resume)
+    app = create_app(d.current_backend, d.status, api_key=cfg.api_key, on_resume=d.count_resume,
+                     why_unavailable=lambda: d.route_error)
     node_cfg = NodeConfig(listen=tuple(cfg.listen), announce=tuple(cfg.announce), bootstrap=tuple(cfg.bootstrap),
                           identity_path=cfg.identity, swarm_key_path=cfg.swarm_key)
     async with open_node(node_cfg) as node, trio.open_nursery() as nursery:

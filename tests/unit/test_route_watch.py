@@ -13,7 +13,7 @@ HOPS = [{"peer": "head"}, {"peer": "s1"}, {"peer": "s2"}]
 
 def _daemon(*online: str):
     recs = [types.SimpleNamespace(peer_id=p, online=True) for p in online]
-    return types.SimpleNamespace(disc=types.SimpleNamespace(snapshot=lambda: recs))
+    return types.SimpleNamespace(disc=types.SimpleNamespace(snapshot=lambda: recs), route=None)
 
 
 def test_a_complete_route_passes() -> None:
@@ -33,3 +33,14 @@ def test_a_stage_that_comes_back_within_the_grace_period_is_forgiven() -> None:
     check()  # missing, but not for long
     d.disc.snapshot = lambda: [types.SimpleNamespace(peer_id=p, online=True) for p in ("s1", "s2")]
     check()
+
+
+def test_the_watch_follows_the_route_in_use() -> None:
+    """After an in-engine failover the daemon's route is the new one: the lost stage no longer counts."""
+    d = _daemon("s1", "s3")
+    check = route_watch(d, HOPS, grace=0)
+    d.route = [{"peer": "head"}, {"peer": "s1"}, {"peer": "s3"}]
+    check()
+    d.route = None  # no route given: the engine's first route
+    with pytest.raises(RouteLost):
+        check()
