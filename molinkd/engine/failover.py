@@ -226,7 +226,7 @@ def rebuild_and_resend(ex: Any, link: Any, route: list[dict], session: str, stag
     """Rebuild the new tail from the mirror, re-send the steps in flight, resume sending; returns
     the seconds the head spent computing the rebuild."""
     from molinkd.engine import schedwire, wire
-    from molinkd.engine.mirror import rebuild_plan
+    from molinkd.engine.mirror import NotRebuildable, rebuild_plan
     from p2p.tensors import to_wire
 
     sc = ex.vllm_config.scheduler_config
@@ -235,6 +235,10 @@ def rebuild_and_resend(ex: Any, link: Any, route: list[dict], session: str, stag
     with ex._worker_lock:
         order, computed = ex._head_state
         runner = ex.worker.model_runner
+        if getattr(runner, "reorder_batch_threshold", None) is not None:
+            # the attention backend reorders the batch by how far each request got; the rebuilt
+            # tail (whose requests' prompts include their sampled tokens) would order it otherwise
+            raise NotRebuildable("the attention backend reorders the batch")
         head_computed: dict[str, tuple[int, int]] = {}
         for rid in order:
             c = computed[rid]
@@ -257,8 +261,6 @@ def rebuild_and_resend(ex: Any, link: Any, route: list[dict], session: str, stag
                                 "hidden": None if total == 0 or hidden is None else
                                 {k: to_wire(v) for k, v in hidden.items()}}, total))
         except Exception as e:  # the head's own worker is in an unknown state now
-            from molinkd.engine.mirror import NotRebuildable
-
             raise NotRebuildable(f"the head's worker failed computing the rebuild: {type(e).__name__}: {e}") from e
     took = time.monotonic() - t0
     with ex._send_lock:

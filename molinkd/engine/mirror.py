@@ -28,7 +28,8 @@ How the state is reproduced (vLLM 0.32 ``GPUModelRunner._update_states``, used b
   KV with the values it already holds), then a restore step finishes the temporaries and puts its
   real requests back in its batch in their order (recomputing each one's last KV position).
 
-Limits (:class:`NotRebuildable` says which): no preempted requests, no multimodal inputs, prompt
+This relies on the attention backend not reordering the batch (``reorder_batch_threshold`` None:
+the CPU backend and FlashAttention; the executor checks). Limits (:class:`NotRebuildable` says which): no preempted requests, no multimodal inputs, prompt
 embeddings, LoRA or speculative decoding. Sampled tokens become part of the rebuilt prompt on the
 last stage, so output-dependent sampling state is not carried over: presence/frequency penalties
 and ``min_tokens`` count only tokens sampled after the failover, and a seeded generator restarts
