@@ -162,8 +162,14 @@ def _cached(items: list[tuple[str, int, list[int]]]) -> Any:
 def _new(rid: str, r: MirroredRequest, prompt: list[int]) -> Any:
     from vllm.v1.core.sched.output import NewRequestData
 
+    sp = r.sampling_params
+    if sp is not None and sp.prompt_logprobs is not None:
+        # delivered during the real prefill (rebuild_plan refuses requests still in it): the
+        # rebuilt prompt must not produce them again
+        sp = sp.clone()
+        sp.prompt_logprobs = None
     return NewRequestData(req_id=rid, prompt_token_ids=list(prompt), mm_features=[],
-                          sampling_params=r.sampling_params, pooling_params=None,
+                          sampling_params=sp, pooling_params=None,
                           block_ids=_copy_blocks(r.block_ids), num_computed_tokens=0, lora_request=None)
 
 
@@ -180,6 +186,9 @@ def rebuild_plan(mirror: RequestMirror, *, max_tokens: int, max_seqs: int,
             raise NotRebuildable(f"request {r.req_id} is preempted (its KV is gone)")
         if r.unsupported:
             raise NotRebuildable(f"request {r.req_id} uses {r.unsupported}")
+        if r.sampling_params is not None and r.sampling_params.prompt_logprobs is not None \
+                and r.computed < len(r.prompt_token_ids):
+            raise NotRebuildable(f"request {r.req_id} wants prompt logprobs and is still in its prefill")
         if not 0 <= r.computed < len(r.tokens):
             # computed == known would make the last stage sample during the rebuild
             raise NotRebuildable(f"request {r.req_id}: {r.computed} computed tokens, {len(r.tokens)} known")

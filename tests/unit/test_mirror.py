@@ -154,3 +154,16 @@ def test_rebuild_steps_pass_the_stage_checks():
             if so is not None:
                 wire = schedwire.decode_scheduler_output(schedwire.encode_scheduler_output(so))
                 schedwire.check_scheduler_output(wire, lim)
+
+
+def test_prompt_logprobs_are_not_produced_again():
+    m = two_decoding()
+    m.requests["a"].sampling_params = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=2)
+    steps = rebuild_plan(m, max_tokens=64, max_seqs=8, head_order=[], head_computed={})
+    (ra,) = [r for r in steps[0].tail.scheduled_new_reqs if r.req_id == "a"]
+    assert ra.sampling_params.prompt_logprobs is None
+    assert m.requests["a"].sampling_params.prompt_logprobs == 2  # the mirror's own copy is untouched
+    m.requests["a"].computed = 3  # still in its prompt
+    m.requests["a"].output_token_ids = []
+    with pytest.raises(NotRebuildable, match="prompt logprobs"):
+        rebuild_plan(m, max_tokens=64, max_seqs=8, head_order=[], head_computed={})
