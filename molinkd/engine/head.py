@@ -215,7 +215,7 @@ class PipelineExecutor(Executor):
         self._head_state: tuple[list[str], dict[str, int]] = ([], {})
         self._last_result_at = 0.0
         self._failing_over = False
-        self.failover_wait = float(cfg.get("failover_wait", 30.0)) if os.environ.get("MOLINK_P2P_DIAL") else 0.0
+        self.failover_wait = 0.0  # set once the session is open (a failing start simply fails)
         self._stop = threading.Event()
         self.stats = {"steps": 0, "bytes_out": 0}
         self._sent_at: dict[int, float] = {}
@@ -294,6 +294,9 @@ class PipelineExecutor(Executor):
         mc = self.model_config
         self.limits = session_limits(self._session_body(cfg.num_blocks), vocab_size=mc.get_vocab_size(),
                                      hidden_size=mc.get_hidden_size())
+        # in-engine failover needs the daemon (routes, dials): not for routes of plain addresses
+        if os.environ.get("MOLINK_P2P_DIAL") and all(h["addr"].startswith("p2p:") for h in self.route[1:]):
+            self.failover_wait = float(self.cfg.get("failover_wait", 30.0))
 
     # --- worker calls ----------------------------------------------------------------------
 
