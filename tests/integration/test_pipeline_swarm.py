@@ -201,18 +201,21 @@ def test_three_stages_with_spare_and_a_garbage_peer(tmp_path, model_dir, plain_v
             assert _greedy(spare, prompt) == prompt + expected  # the spare answers HTTP too (forwards)
         in_use = b1 if route[1] == ids["b1"] else b2
         spare_id = spare.status()["peer_id"]
-        # a stage dies mid-request: the head re-plans through the spare; the requests carry on
-        _requests_survive(a, c, PROMPTS[2], lambda: os.kill(in_use.proc.pid, signal.SIGKILL))
+        # a stage dies mid-request: the head's engine fails over to the spare by itself (no
+        # restart, nothing resumed); the requests carry on
+        how = _requests_survive(a, c, PROMPTS[2], lambda: os.kill(in_use.proc.pid, signal.SIGKILL))
+        assert how == "failover"
         assert a.status()["route"][1] == spare_id
-        # a stage hangs mid-request (its daemon stopped: it closes nothing, answers nothing): the head
-        # sees it vanish from the swarm, stops its engine, and routes through it again once it is
-        # back (20 s later) and its ban (30 s) has run out; the requests carry on
+        # a stage hangs mid-request (its daemon stopped: it closes nothing, answers nothing) and no
+        # other peer serves its span: the engine's failover finds no route, the head sees the stage
+        # vanish from the swarm, stops its engine, and routes through it again once it is back (20 s
+        # later) and its ban (30 s) has run out; the requests are resumed and carry on
         wake = threading.Timer(20, os.kill, (spare.proc.pid, signal.SIGCONT))
-        _requests_survive(a, c, PROMPTS[3], lambda: (os.kill(spare.proc.pid, signal.SIGSTOP), wake.start()))
+        how = _requests_survive(a, c, PROMPTS[3], lambda: (os.kill(spare.proc.pid, signal.SIGSTOP), wake.start()))
         wake.join()
         st = a.status()
-        assert st["route"][1] == spare_id and st["resumed_requests"] >= 2
-        assert spare_id in st["banned"] and "stopped announcing" in st["banned"][spare_id]["reason"]
+        assert how == "resumed" and st["route"][1] == spare_id and st["resumed_requests"] >= 1
+        assert spare_id in st["banned"]
     finally:
         for d in daemons:
             with contextlib.suppress(ProcessLookupError):
@@ -224,13 +227,15 @@ def test_three_stages_with_spare_and_a_garbage_peer(tmp_path, model_dir, plain_v
             d.stop()
 
 
-def _requests_survive(head: Daemon, asker: Daemon, prompt: str, act) -> None:
+def _requests_survive(head: Daemon, asker: Daemon, prompt: str, act) -> str:
     """Run two requests, one streaming on the head and one asked on ``asker`` (forwarded to the
     head), call ``act()`` (break a stage) once the stream is under way, and check that both finish
-    with no error and exactly the requested number of tokens (none lost or repeated), and that
-    the head and the asker each resumed a request."""
+    with no error and exactly the requested number of tokens (none lost or repeated). Returns
+    "failover" if the head's engine replaced the stage by itself (nothing resumed), "resumed" if
+    the head and the asker each resumed a request on a restarted engine."""
     n_tok = 96
     resumed = {d.name: d.status()["resumed_requests"] for d in (head, asker)}
+    failovers = len(head.status()["pipeline"].get("failovers") or [])
     reference = _greedy(head, prompt, n_tok)[len(prompt):]  # an undisturbed run
     before_kill: list[str] = []
     chunks: list[dict] = []
@@ -274,5 +279,9 @@ def _requests_survive(head: Daemon, asker: Daemon, prompt: str, act) -> None:
     status, answer = results["asker"]
     assert status == 200, answer
     assert answer["usage"]["completion_tokens"] == n_tok and answer["choices"][0]["finish_reason"] == "length"
-    assert head.status()["resumed_requests"] > resumed[head.name]
+    if head.status()["resumed_requests"] == resumed[head.name]:
+        assert asker.status()["resumed_requests"] == resumed[asker.name]
+        assert len(head.status()["pipeline"].get("failovers") or []) > failovers
+        return "failover"
     assert asker.status()["resumed_requests"] > resumed[asker.name]
+    return "resumed"
