@@ -82,6 +82,17 @@ GENERATE_MSG = MsgLimits(
     max_elements=1 << 19,
 )
 
+# The events a head streams back on ``/molink/generate/1`` (read by the asker). A client that does
+# not stream gets its whole completion in one delta: up to max_model_len tokens, each with up to
+# 21 logprob entries [id, logprob, rank, text]. Heads should split such deltas (e.g. 1024 tokens per
+# event) so that GENERATE_MSG fits both directions; until then the asker reads with this profile.
+GENERATE_REPLY_MSG = GENERATE_MSG.replace(
+    name="generate-reply",
+    max_frame=32 * MiB,
+    max_str_len=16 * MiB,
+    max_elements=4 << 20,
+)
+
 # Small control exchanges: probes, the daemon's dial socket, dial-back, errors.
 CONTROL_MSG = MsgLimits(
     name="control",
@@ -106,7 +117,7 @@ RECORD_MSG = MsgLimits(
     max_elements=8192,
 )
 
-PROFILES = {p.name: p for p in (STAGE_MSG, GENERATE_MSG, CONTROL_MSG, RECORD_MSG)}
+PROFILES = {p.name: p for p in (STAGE_MSG, GENERATE_MSG, GENERATE_REPLY_MSG, CONTROL_MSG, RECORD_MSG)}
 
 # Records: what a peer may put in ``extras`` (no bytes, no ext: str/int/float/bool/None/lists/maps)
 RECORD_EXTRAS_MAX_BYTES = 16 * KiB
@@ -218,6 +229,7 @@ __all__ = [
     "CONTROL_MSG",
     "EXPANSION_SLACK",
     "GENERATE_MSG",
+    "GENERATE_REPLY_MSG",
     "MAX_ROUTE_LEN",
     "MsgLimits",
     "PROFILES",

@@ -20,10 +20,23 @@ def fake_config(**kw):
 
 
 def test_profiles_are_ordered_and_valid():
-    assert set(PROFILES) == {"stage", "generate", "control", "record"}
+    assert set(PROFILES) == {"stage", "generate", "generate-reply", "control", "record"}
     for p in PROFILES.values():
         assert p.max_bin_len <= p.max_frame and p.max_depth >= 4
     assert PROFILES["control"].max_frame < PROFILES["generate"].max_frame < PROFILES["stage"].max_frame
+
+
+def test_a_whole_non_streamed_completion_with_logprobs_fits_the_reply_profile():
+    from molinkd.limits import GENERATE_MSG, GENERATE_REPLY_MSG
+
+    n = 32_768  # a long context's worth of tokens, 20 top logprobs each
+    rows = [[[40000 + j, -1.2345678, j + 1, " tok"] for j in range(21)] for _ in range(n)]
+    ev = {"ev": "delta", "index": 0, "text": " tok" * n, "token_ids": [40000] * n, "logprobs": rows,
+          "finish_reason": "length"}
+    payload = msgpack.packb({"v": 1, "t": "gen.event", "b": ev})
+    assert decode_payload(payload, GENERATE_REPLY_MSG).body["token_ids"][-1] == 40000
+    with pytest.raises(FrameError):
+        decode_payload(payload, GENERATE_MSG)
     with pytest.raises(ValueError):
         MsgLimits(name="x", max_frame=0, max_bin_len=1, max_str_len=1, max_array_len=1, max_map_len=1, max_depth=1,
                   max_elements=1)
