@@ -307,3 +307,16 @@ def test_tensor_from_wire(d):
     expect(FrameError, from_wire, d)
     if isinstance(d, dict):
         expect(FrameError, from_wire, {**to_wire(torch.zeros(2, 3)), **d})
+
+
+def test_mutation_helpers_are_reproducible_and_mutate():
+    from tests.fuzzing import mutate_frames
+
+    body = step_body(decode())
+    a = list(mutate_step_bodies(body, 50, seed=5))
+    assert a == list(mutate_step_bodies(body, 50, seed=5))
+    assert a != list(mutate_step_bodies(body, 50, seed=6))
+    assert sum(m != body for m in a) >= 45
+    frame = VALID_FRAMES[1]
+    fa = list(mutate_frames(frame, 50, seed=1))
+    assert fa == list(mutate_frames(frame, 50, seed=1)) and sum(f != frame for f in fa) >= 45
