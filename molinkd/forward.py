@@ -38,7 +38,7 @@ _EVENT_KEYS = {"start": {"prompt", "prompt_tokens", "n"}, "delta": {"index", "te
 
 def check_event(ev: Any) -> dict:
     """Validate an event that came off the network (types matter: the HTTP layer trusts them)."""
-    if not isinstance(ev, dict) or ev.get("ev") not in _EVENT_KEYS:
+    if not isinstance(ev, dict) or not isinstance(ev.get("ev"), str) or ev["ev"] not in _EVENT_KEYS:
         raise FrameError(f"not a generation event: {str(ev)[:80]}")
     kind = ev["ev"]
     missing = _EVENT_KEYS[kind] - set(ev)

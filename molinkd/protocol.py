@@ -87,7 +87,9 @@ class GenerationRequest:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
-            raise bad(f"unknown request fields {sorted(unknown)}")
+            raise bad(f"unknown request fields {sorted(map(str, unknown))[:8]}")
+        if "kind" not in d:
+            raise bad("malformed forwarded request: no 'kind'")
         req = cls(**d)
         # re-validate everything that came off the network, with the checks the HTTP path uses
         if req.kind not in ("generate", "completion", "chat"):

@@ -100,7 +100,7 @@ def unpack(data: bytes | bytearray | memoryview, limits: MsgLimits, error: type[
         raise err(f"undecodable msgpack payload ({type(e).__name__}: {e})") from None
 
 
-_U8, _U16, _U32 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I")
+_U16, _U32 = struct.Struct(">H"), struct.Struct(">I")
 # estimated bytes of decoded Python objects (64-bit CPython), used to bound expansion
 _W_PTR, _W_INT, _W_FLOAT, _W_STR, _W_BIN, _W_LIST, _W_DICT, _W_ITEM = 8, 36, 32, 57, 41, 64, 72, 48
 
@@ -121,6 +121,7 @@ def scan(data: bytes, limits: MsgLimits, error: type[ValueError] = FrameError) -
     stack: list[int] = []
     count = 0
     cost = 0
+    budget = limits.max_expansion * n + EXPANSION_SLACK
     u16, u32 = _U16.unpack_from, _U32.unpack_from
     try:
         while True:
@@ -234,6 +235,8 @@ def scan(data: bytes, limits: MsgLimits, error: type[ValueError] = FrameError) -
             # a container with `items` values follows
             if count + items > max_elems:
                 raise error(f"{limits.name} message has over {max_elems} values")
+            if cost > budget:
+                break  # refused below, before reading further
             if len(stack) >= max_depth:
                 raise error(f"{limits.name} message nests deeper than {max_depth} levels")
             if items:
@@ -243,15 +246,15 @@ def scan(data: bytes, limits: MsgLimits, error: type[ValueError] = FrameError) -
         raise error(f"truncated msgpack value ({n} bytes)") from None
     except struct.error:
         raise error(f"truncated msgpack value ({n} bytes)") from None
+    if cost > budget:
+        raise error(
+            f"{limits.name} message of {n} bytes would decode to over {cost} bytes of objects "
+            f"(limit {limits.max_expansion:g}x): refused as an amplification attempt"
+        )
     if pos != n:
         if pos > n:
             raise error(f"truncated msgpack value ({n} bytes)")
         raise error(f"{n - pos} trailing bytes after the msgpack value")
-    if cost > limits.max_expansion * n + EXPANSION_SLACK:
-        raise error(
-            f"{limits.name} message of {n} bytes would decode to ~{cost} bytes of objects "
-            f"(limit {limits.max_expansion:g}x): refused as an amplification attempt"
-        )
     return count
 
 

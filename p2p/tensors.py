@@ -23,6 +23,7 @@ _DTYPES = {
     "bool": 1,
 }
 MAX_DIMS = 8
+MAX_DIM = 1 << 40  # a larger dimension cannot be backed by a frame anyway
 
 
 def to_wire(t: Any) -> dict:
@@ -46,14 +47,14 @@ def from_wire(d: Any) -> Any:
     if not isinstance(d, dict):
         raise FrameError("tensor must be a map")
     name, shape, data = d.get("dtype"), d.get("shape"), d.get("data")
-    if name not in _DTYPES:
-        raise FrameError(f"tensor dtype {name!r} not allowed")
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise FrameError(f"tensor dtype {str(name)[:32]!r} not allowed")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)
     ):
-        raise FrameError(f"bad tensor shape {shape!r}")
+        raise FrameError(f"bad tensor shape {str(shape)[:80]}")
     if not isinstance(data, (bytes, bytearray)):
         raise FrameError("tensor data must be bytes")
     expected = math.prod(shape) * _DTYPES[name]

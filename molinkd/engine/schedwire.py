@@ -149,6 +149,12 @@ def _int_val(x: Any, where: str) -> None:
         raise WireError(f"{where} must be int")
 
 
+def _pair(v: Any, where: str) -> list[int]:
+    if len(_ints(v, where)) != 2:
+        raise WireError(f"{where} must be a pair of ints")
+    return v
+
+
 def _block_ids(v: Any, where: str) -> tuple[list[int], ...]:
     if not isinstance(v, list):
         raise WireError(f"{where} must be a list of block-id lists")
@@ -325,7 +331,7 @@ def decode_scheduler_output(d: Any) -> SchedulerOutput:
         free_encoder_mm_hashes=_strs(_get(d, "free_encoder_mm_hashes", list, where=w), f"{w}.free_encoder_mm_hashes"),
         scheduled_encoder_input_stats=None
         if stats is None
-        else ScheduledEncoderInputStats(*_ints(stats, f"{w}.scheduled_encoder_input_stats")[:2]),
+        else ScheduledEncoderInputStats(*_pair(stats, f"{w}.scheduled_encoder_input_stats")),
         preempted_req_ids=None if pre is None else set(_strs(pre, f"{w}.preempted_req_ids")),
         has_structured_output_requests=_get(d, "has_structured_output_requests", bool, where=w),
         pending_structured_output_tokens=_get(d, "pending_structured_output_tokens", bool, where=w),
@@ -333,7 +339,7 @@ def decode_scheduler_output(d: Any) -> SchedulerOutput:
         new_block_ids_to_zero=None if zero is None else _ints(zero, f"{w}.new_block_ids_to_zero"),
         kv_cache_block_copies=None
         if copies is None
-        else [KVCacheBlockCopy(*_ints(c, f"{w}.kv_cache_block_copies[]")[:2]) for c in copies],
+        else [KVCacheBlockCopy(*_pair(c, f"{w}.kv_cache_block_copies[{i}]")) for i, c in enumerate(copies)],
         num_spec_tokens_to_schedule=_get(d, "num_spec_tokens_to_schedule", int, where=w),
         num_common_prefix_blocks=_ints(_get(d, "num_common_prefix_blocks", list, where=w), f"{w}.num_common_prefix_blocks"),
     )
