@@ -19,6 +19,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -45,6 +46,9 @@ ROUTE_RETRY = 1.0
 # a route peer missing from the peer table this long (after its record expired) is taken as
 # hung or gone: the head stops its engine and re-plans (requests in flight are resumed)
 ROUTE_PEER_GRACE = 4.0
+# the head's engine asks for a new route about every second while it fails over; meanwhile the
+# daemon leaves the engine alone (the engine gives up by itself after its failover_wait)
+ENGINE_REPLAN_QUIET = 5.0
 ENGINE_RESTART_BACKOFF = (2.0, 30.0)
 
 
@@ -127,6 +131,7 @@ class Daemon:
         self.engine_error: str | None = None
         self.route: list[dict] | None = None
         self.route_error: str | None = None
+        self.engine_replanning_at = -math.inf  # last time the head's engine asked for a new route
         self.stage_addr: str | None = None
         self.serving_head: str | None = None
         self.stage_sessions: collections.Counter[str] = collections.Counter()  # upstream -> open streams
@@ -336,6 +341,9 @@ def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) ->
     def check() -> None:
         present = {r.peer_id for r in d.disc.snapshot() if r.online} if d.disc else set()
         now = time.monotonic()
+        if now - getattr(d, "engine_replanning_at", -math.inf) < ENGINE_REPLAN_QUIET:
+            missing_since.clear()  # the engine is replacing its route itself (bounded by its failover_wait)
+            return
         for h in (d.route or hops)[1:]:  # the route in use: the engine may have failed over
             peer = h["peer"]
             if peer in present:
@@ -464,6 +472,7 @@ async def _replan_for_engine(d: Daemon, exclude: list[str], avoid: list[str]) ->
 
     if d.role != "head":
         raise RuntimeError(f"this peer is a {d.role}, not a head: it plans no routes")
+    d.engine_replanning_at = time.monotonic()
     for peer in exclude:
         if peer != d.node.peer_id:
             _ban(d, peer, "failed in the pipeline (reported by the head's engine)")

@@ -13,7 +13,8 @@ HOPS = [{"peer": "head"}, {"peer": "s1"}, {"peer": "s2"}]
 
 def _daemon(*online: str):
     recs = [types.SimpleNamespace(peer_id=p, online=True) for p in online]
-    return types.SimpleNamespace(disc=types.SimpleNamespace(snapshot=lambda: recs), route=None)
+    return types.SimpleNamespace(disc=types.SimpleNamespace(snapshot=lambda: recs), route=None,
+                                 engine_replanning_at=-1e18)
 
 
 def test_a_complete_route_passes() -> None:
@@ -44,3 +45,12 @@ def test_the_watch_follows_the_route_in_use() -> None:
     d.route = None  # no route given: the engine's first route
     with pytest.raises(RouteLost):
         check()
+
+
+def test_no_verdict_while_the_engine_replans_its_route() -> None:
+    """The head's engine asks for routes while it fails over: the daemon does not stop it meanwhile."""
+    import time
+
+    d = _daemon("s1")
+    d.engine_replanning_at = time.monotonic()
+    route_watch(d, HOPS, grace=0)()  # s2 is missing, but the engine is on it
