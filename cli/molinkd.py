@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size on CPU in GiB (default 1)")
     g.add_argument("--gpu-memory-utilization", type=_fraction, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--failover-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="a head whose route loses a stage looks this long for a new one inside its running "
+                        "engine (requests wait) before restarting the engine; 0: restart at once (default 30)")
     g = j.add_argument_group("logging")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
     g.add_argument("--log-json", action="store_true", help="one JSON object per log line")
@@ -204,6 +207,7 @@ def parse_config(argv: list[str]) -> DaemonConfig:
         kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization,
         seed=args.seed,
+        failover_wait=max(0.0, args.failover_wait),
         log_level=args.log_level,
         log_json=args.log_json,
     )

@@ -518,7 +518,8 @@ async def _run_head(d: Daemon) -> None:
                         pps, len(hops))
             _say(f"warning: --pipeline-parallel-size {pps} but the route has {len(hops)} stages; using the route")
         _use_route(d, hops)
-        kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path)
+        kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path,
+                                        failover_wait=d.cfg.failover_wait)
         extra_env = (("MOLINK_P2P_DIAL", d.dial_path),)
         started = time.monotonic()
         with contextlib.suppress(FileNotFoundError):

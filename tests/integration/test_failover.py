@@ -30,7 +30,8 @@ ARGS = ["--dtype", "float32", "--max-num-seqs", "16"]
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    """a 0:10 (head), b1 and b2 10:20 (one in use, one spare), c 20:30."""
+    """a 0:10 (head; its engine may look 240 s for a new tail), b1 and b2 10:20 (one in use, one
+    spare), c 20:30."""
     tmp = tmp_path_factory.mktemp("failover")
     daemons: list[Daemon] = []
     try:
@@ -42,7 +43,7 @@ def swarm(tmp_path_factory):
         daemons += [b1, b2]
         for d in (c, b1, b2):
             d.wait_ready(timeout=500)
-        a = Daemon(["--layers", "0:10", "--bootstrap", boot, *ARGS], tmp, name="a")
+        a = Daemon(["--layers", "0:10", "--bootstrap", boot, "--failover-wait", "240", *ARGS], tmp, name="a")
         daemons.append(a)
         a.wait_ready(timeout=500)
         yield {"a": a, "b1": b1, "b2": b2, "c": c}
@@ -201,3 +202,44 @@ def test_sigstop_of_the_stage_process_is_caught_by_the_step_deadline(swarm, tmp_
         wait_for(lambda: used.status()["ready"], 60, "the continued stage to be ready")
     finally:
         fresh.stop()
+
+
+def test_no_route_waits_then_a_new_peer_resumes_serving_without_restart(swarm, tmp_path, capsys):
+    """The only peer serving 10:20 dies: the requests wait (the head names the uncovered layers in
+    /status), a new 10:20 peer joins, and the head's engine carries on over it: nothing restarted,
+    nothing resumed, every output equal to the undisturbed run's."""
+    head = swarm["a"]
+    used_name = next(n for n in ("b1", "b2") if n in swarm)
+    used = swarm[used_name]
+    wait_for(lambda: head.status()["route"][1] == used.status()["peer_id"], 120, "the route through the last 10:20 peer")
+    reference = _stream_all(head, _prompts())
+    before = head.status()
+    box: dict = {}
+
+    def revive() -> None:
+        wait_for(lambda: "10:20" in (head.status()["route_error"] or ""), 120, "the head to name the uncovered layers")
+        box["route_error"] = head.status()["route_error"]
+        box["joined_at"] = time.time()
+        box["new"] = Daemon(["--layers", "10:20", "--bootstrap", boot_addr(swarm["c"]), *ARGS], tmp_path, name="b4")
+
+    def kill_and_revive() -> None:
+        os.killpg(used.proc.pid, signal.SIGKILL)
+        box["thread"] = threading.Thread(target=revive)
+        box["thread"].start()
+
+    try:
+        results, _ = _disturbed_run(swarm, kill_and_revive)
+        box["thread"].join(timeout=300)
+        _check_same(results, reference)
+        line = _report(f"SIGKILL of the only 10:20 peer, a new one joining, {N_REQ} x {N_TOK} tokens", _gaps(results))
+        after = head.status()
+        fo = after["pipeline"]["failovers"][-1]
+        assert fo["route"][1] == box["new"].status()["peer_id"] and fo["attempts"] > 1, fo
+        assert after["resumed_requests"] == before["resumed_requests"]
+        assert "10:20" in box["route_error"], box
+        with capsys.disabled():
+            print(f"\n[failover] {line}; route error meanwhile: {box['route_error']!r}; "
+                  f"failover took {fo['seconds']} s in {fo['attempts']} attempts")
+    finally:
+        if "new" in box:
+            box["new"].stop()
