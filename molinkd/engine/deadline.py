@@ -17,8 +17,8 @@ SMALL_STEP = 64  # steps with at most this many tokens measure the fixed part of
 
 @dataclasses.dataclass
 class StepClock:
-    floor: float = 3.0  # seconds: never less (decode steps on a loaded machine jitter)
-    factor: float = 6.0  # times the predicted round trip
+    floor: float = 2.0  # seconds: never less (decode steps on a loaded machine jitter)
+    factor: float = 8.0  # times the predicted round trip
     initial: float = 120.0  # seconds allowed before ``warmup`` steps were measured
     warmup: int = 3
     alpha: float = 0.2  # weight of a new measurement

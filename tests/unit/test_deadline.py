@@ -14,7 +14,7 @@ def test_generous_until_measured():
 
 
 def test_scales_with_tokens_and_measurements():
-    c = StepClock(floor=3.0, factor=6.0, initial=120.0, warmup=2)
+    c = StepClock(floor=3.0, factor=6.0, initial=120.0, warmup=2)  # explicit: the test's arithmetic
     for _ in range(5):
         c.observe(4, 0.1)
         c.observe(1000, 2.1)  # 0.1 s fixed + 2 ms per token
