@@ -92,6 +92,10 @@ def _pos_float(v: str) -> float:
     return _number(v, float, 0, strict=True)
 
 
+def _nonneg_float(v: str) -> float:
+    return _number(v, float, 0, strict=False)
+
+
 def _fraction(v: str) -> float:
     x = _pos_float(v)
     if x > 1:
@@ -163,9 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size on CPU in GiB (default 1)")
     g.add_argument("--gpu-memory-utilization", type=_fraction, default=None)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--failover-wait", type=float, default=30.0, metavar="SECONDS",
-                   help="a head whose route loses a stage looks this long for a new one inside its running "
+    g.add_argument("--failover-wait", type=_nonneg_float, default=30.0, metavar="S",
+                   help="a head whose route loses a stage looks S seconds for a new one inside its running "
                         "engine (requests wait) before restarting the engine; 0: restart at once (default 30)")
+    g.add_argument("--drain-timeout", type=_nonneg_float, default=30.0, metavar="S",
+                   help="on SIGTERM: leave the swarm, then wait up to S seconds for in-flight requests "
+                        "(and a stage's head) to finish before exiting (default 30)")
     g = j.add_argument_group("logging")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
     g.add_argument("--log-json", action="store_true", help="one JSON object per log line")
@@ -207,9 +214,10 @@ def parse_config(argv: list[str]) -> DaemonConfig:
         kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization,
         seed=args.seed,
-        failover_wait=max(0.0, args.failover_wait),
+        failover_wait=args.failover_wait,
         log_level=args.log_level,
         log_json=args.log_json,
+        drain_timeout=args.drain_timeout,
     )
     if args.listen:
         kw["listen"] = tuple(args.listen)

@@ -41,6 +41,7 @@ class DaemonConfig:
     failover_wait: float = 30.0  # a head's engine looks this long for a new tail before restarting
     # behaviour
     announce_period: float = 2.0
+    drain_timeout: float = 30.0  # SIGTERM: seconds to finish in-flight work after saying goodbye
     log_level: str = "warning"
     log_json: bool = False
 

@@ -137,7 +137,10 @@ class Daemon:
         self.stage_sessions: collections.Counter[str] = collections.Counter()  # upstream -> open streams
         self.rtts: dict[str, float] = {}
         self.banned: dict[str, tuple[float, str, float]] = {}  # peer -> (until, reason, ban length)
+        self._measured: dict[str, Any] = {}  # peer -> trust.Measured, kept across routes
+        self._stats_read = 0.0
         self.started = time.time()
+        self.draining = False
         self.http_url = ""
         self.dial_path = str(runtime_dir / "dial.sock")
         self.stats_path = str(runtime_dir / "pipeline-stats.json")
@@ -150,6 +153,23 @@ class Daemon:
             return round(json.loads(Path(self.info_path).read_text())["loaded_rss_bytes"] / 2**20, 1)
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def measured(self, peer: str) -> Any:
+        """This head's measurement of ``peer``'s step time (:class:`molinkd.trust.Measured`), from the
+        pipeline stats of the current route or the last one it was measured on."""
+        from molinkd.trust import measured_from_stats
+
+        now = time.monotonic()
+        if now - self._stats_read > 1.0:
+            self._stats_read = now
+            try:
+                stats = json.loads(Path(self.stats_path).read_text())
+            except (OSError, ValueError):
+                stats = {}
+            for p in (stats.get("stage_ms") or {}) if isinstance(stats, dict) else ():
+                if (m := measured_from_stats(stats, p)) is not None:
+                    self._measured[p] = m
+        return self._measured.get(peer)
 
     def route_stats(self) -> tuple[list[dict], dict]:
         """The route's stages with their measured step times (from the head executor's stats)."""
@@ -180,6 +200,8 @@ class Daemon:
     # -- backends -----------------------------------------------------------------------------
 
     def current_backend(self) -> Any:
+        if self.draining:
+            return None  # new requests go elsewhere (503 here; a gateway resumes them on another head)
         if self.backend is not None:
             return self.backend
         if self.remote is not None and self.head_candidates():
@@ -194,6 +216,14 @@ class Daemon:
                  and (r.extras or {}).get("engine") == "ready" and r.peer_id != self.node.peer_id]
         heads.sort(key=lambda r: (r.active_requests, self.rtts.get(r.peer_id, 1.0), r.peer_id))
         return [r.peer_id for r in heads]
+
+    def busy(self) -> str:
+        """What a graceful stop still waits for ("" when nothing)."""
+        active = (self.backend.active if self.backend else 0) + (self.remote.active if self.remote else 0)
+        parts = [f"{active} in-flight request(s)"] if active else []
+        if self.stage_sessions:
+            parts.append(f"the session of head {str(self.serving_head)[:16]}")
+        return " and ".join(parts)
 
     def may_dial(self, peer: str, start: int, end: int) -> str | None:
         """Whether an engine process of ours may reach ``peer`` as the stage for ``start:end``:
@@ -333,20 +363,28 @@ class RouteLost(RuntimeError):
 
 def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) -> Callable[[], None]:
     """A check to call every second while a pipeline runs: raises :class:`RouteLost` once a remote
-    stage of ``hops`` has been missing from the peer table for ``grace`` seconds. A hung stage
+    stage of ``hops`` has been missing from the peer table for ``grace`` seconds; bans (without
+    stopping the pipeline) a stage whose announced speed its measured one belies. A hung stage
     never closes its stream, and its step may take a while; its silence on the swarm is quicker
     to see than any step deadline that must allow for big prefills on slow machines."""
     missing_since: dict[str, float] = {}
 
     def check() -> None:
-        present = {r.peer_id for r in d.disc.snapshot() if r.online} if d.disc else set()
+        from molinkd.trust import lie
+
+        records = {r.peer_id: r for r in d.disc.snapshot() if r.online} if d.disc else {}
         now = time.monotonic()
         if now - getattr(d, "engine_replanning_at", -math.inf) < ENGINE_REPLAN_QUIET:
             missing_since.clear()  # the engine is replacing its route itself (bounded by its failover_wait)
             return
         for h in (d.route or hops)[1:]:  # the route in use: the engine may have failed over
             peer = h["peer"]
-            if peer in present:
+            ban = d.banned.get(peer)
+            if (peer in records and (ban is None or ban[0] <= now)
+                    and (why := lie(records[peer].throughput, d.measured(peer)))):
+                # it computes, so the running pipeline may keep it; no route will choose it again
+                _ban(d, peer, f"lied about its speed: {why}")
+            if peer in records:
                 missing_since.pop(peer, None)
                 continue
             since = missing_since.setdefault(peer, now)
@@ -397,7 +435,10 @@ AVOIDED_LOAD = 1e6  # a peer the engine suspects: routed through only if nothing
 
 
 def _stage_records(d: Daemon, avoid: set[str] | frozenset[str] = frozenset()) -> list:
+    """Route candidates, planned with the speed this head measured (announcements are capped);
+    ``avoid``: peers the head's engine suspects, used only where nothing else serves their span."""
     from molinkd.routing import PeerRecord as RoutePeer
+    from molinkd.trust import planning_throughput
 
     out = []
     for r in d.disc.snapshot():
@@ -411,7 +452,7 @@ def _stage_records(d: Daemon, avoid: set[str] | frozenset[str] = frozenset()) ->
         if r.peer_id in avoid:
             load = AVOIDED_LOAD
         out.append(RoutePeer(peer_id=r.peer_id, span_start=r.span_start, span_end=r.span_end,
-                             throughput=max(r.throughput, 1e-3), load=load,
+                             throughput=planning_throughput(r.throughput, d.measured(r.peer_id)), load=load,
                              rtt=d.rtts.get(r.peer_id), model_hash=r.model_hash))
     return out
 
@@ -768,7 +809,7 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
         d.remote = RemoteBackend(node, model.name, model.model_hash, d.head_candidates)
         node.set_stream_handler(
             GENERATE_PROTOCOL,
-            lambda s, remote: serve_generate(s, remote, backend_fn=lambda: d.backend,
+            lambda s, remote: serve_generate(s, remote, backend_fn=lambda: None if d.draining else d.backend,
                                              model_hash=model.model_hash))
         await nursery.start(lambda task_status: serve_dial_socket(
             node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial,
@@ -789,11 +830,31 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
             _say("gateway: serving HTTP only, forwarding requests to heads")
         task_status.started(d)
         await (stop if stop is not None else trio.Event()).wait()
-        # graceful stop: the goodbye goes out while the host's own tasks still run
-        with trio.move_on_after(3):
-            await d.disc.leave()
-            await trio.sleep(0.3)
+        await _drain(d)
         nursery.cancel_scope.cancel()
+
+
+async def _drain(d: Daemon) -> None:
+    """Graceful stop: say goodbye (heads route around us, gateways pick other heads, new requests
+    here get a 503), then give in-flight requests, and the head a stage serves, up to
+    ``drain_timeout`` seconds to finish. The goodbye goes out while the host's tasks still run."""
+    d.draining = True
+    with trio.move_on_after(3):
+        await d.disc.leave()
+        await trio.sleep(0.3)
+    busy = d.busy()
+    if not busy:
+        return
+    _say(f"draining: waiting up to {d.cfg.drain_timeout:.0f}s for {busy}")
+    t0 = time.monotonic()
+    with trio.move_on_after(d.cfg.drain_timeout):
+        while d.busy():
+            await trio.sleep(0.2)
+    left = d.busy()
+    if left:
+        _say(f"drain timeout: stopping with {left} unfinished")
+    else:
+        _say(f"drained in {time.monotonic() - t0:.1f}s")
 
 
 async def _run_full(d: Daemon) -> None:
@@ -825,7 +886,7 @@ async def _main(cfg: DaemonConfig) -> None:
                     if not stop.is_set():
                         _say(f"received {signal.Signals(s).name}; leaving the swarm and shutting down")
                         stop.set()
-                        nursery.start_soon(_hard_stop_after, 15.0, nursery.cancel_scope)
+                        nursery.start_soon(_hard_stop_after, cfg.drain_timeout + 15.0, nursery.cancel_scope)
                     else:
                         nursery.cancel_scope.cancel()
                         return

@@ -31,13 +31,13 @@ class Daemon:
     """A real ``molinkd join`` process on loopback; logs go to a file shown on failure."""
 
     def __init__(self, args: list[str], tmp: Path, name: str = "d", env: dict | None = None,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, module: str = "cli.molinkd") -> None:
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.name = name
         self.api_key = api_key
         self.log_path = tmp / f"{name}.log"
-        full = [sys.executable, "-m", "cli.molinkd", "join", "--http", f"127.0.0.1:{self.http_port}",
+        full = [sys.executable, "-m", module, "join", "--http", f"127.0.0.1:{self.http_port}",
                 "--identity", str(tmp / f"{name}.key")]
         if not any(a.startswith("--listen") for a in args):
             full += ["--listen", "/ip4/127.0.0.1/tcp/0"]

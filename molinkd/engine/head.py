@@ -242,10 +242,12 @@ class PipelineExecutor(Executor):
         self._reader.start()
         self._send(wire.HELLO, self._session_body(0))
         reply = self._await_control(wire.HELLO_OK, float(cfg["open_timeout"]))
+        from molinkd.engine.admission import is_peer_id
         from molinkd.engine.wire import check_hello_ok
 
         try:
-            self.remote_stages = check_hello_ok(reply, self.route, session=self.session)["stages"]
+            named = all(is_peer_id(h["peer"]) for h in self.route[1:])  # not in local test harnesses
+            self.remote_stages = check_hello_ok(reply, self.route, session=self.session, peers=named)["stages"]
         except Exception as e:
             msg = f"the pipeline answered the session hello with a bad stage list: {e}"
             self.step_stats.record_failure(msg, self.route[1]["peer"])
@@ -282,7 +284,13 @@ class PipelineExecutor(Executor):
 
         cfg = kv_cache_configs[0]
         self._send(wire.OPEN, self._session_body(cfg.num_blocks))
-        self._await_control(wire.OPEN_OK, float(self.cfg["open_timeout"]))
+        reply = self._await_control(wire.OPEN_OK, float(self.cfg["open_timeout"]))
+        try:
+            wire.check_open_ok(reply, session=self.session, num_blocks=cfg.num_blocks)
+        except Exception as e:
+            msg = f"the pipeline answered the session open badly: {e}"
+            self.step_stats.record_failure(msg, self.route[-1]["peer"])
+            raise PipelineError(msg) from None
         from vllm.config import set_current_vllm_config
 
         with set_current_vllm_config(self.vllm_config):

@@ -1,6 +1,6 @@
 """A hostile peer against a real stage, while an honest head keeps serving through another stage.
 
-The swarm: an honest head (0:15) routing through stage A (15:30), and a victim stage V (10:20) that
+The swarm: an honest head (0:15) routing through stage A (15:30, which lies about its speed), and a victim stage V (10:20) that
 no honest route uses. The attacker is two libp2p identities in this test process (they cost nothing
 to make): ``evil`` opens sessions on V, ``accomplice`` announces layers 20:30 and plays V's next hop,
 so V can be driven through whole sessions and we can see what it forwards. Every attack must be
@@ -37,7 +37,8 @@ VOCAB = 49152
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attacks")
-    a = Daemon(["--layers", "15:30"], tmp, name="stageA")
+    # stage A computes honestly but announces 1e6 tokens/s: the head must measure it and ban it
+    a = Daemon(["--layers", "15:30"], tmp, name="stageA", module="tests.integration.lying_daemon")
     daemons = [a]
     try:
         boot = boot_addr(a)
@@ -298,3 +299,42 @@ def test_honest_requests_were_served_throughout(swarm, honest_load):
     wait_for(lambda: len(honest_load) >= 3, 120, "a few honest requests")
     assert honest_load and all(r is True for r in honest_load), honest_load
     assert swarm["victim"].status()["engine"]["state"] == "ready"
+
+
+def test_a_stage_that_lies_about_its_speed_is_banned(swarm, honest_load):
+    """A computes correctly but announces 1e6 tokens/s; after enough measured steps the head bans it
+    from future routes (the running pipeline keeps it: its answers are right)."""
+    def banned():
+        return swarm["head"].status()["banned"].get(swarm["aid"])
+    wait_for(lambda: len(honest_load) >= 4, 180, "steps through the lying stage")
+    ban = wait_for(banned, 60, "the head to ban the lying stage")
+    assert "lied about its speed" in ban["reason"] and "measured" in ban["reason"], ban
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(swarm, honest_load):
+    """Last in this module (it stops the head): a SIGTERMed head says goodbye, answers new requests
+    with 503, finishes the request it was streaming with every token, and exits 0."""
+    import json
+    import signal
+
+    head = swarm["head"]
+    got: dict = {}
+
+    def stream() -> None:
+        body = {"prompt": "Tell a long story.", "max_tokens": 96, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", head.url + "/v1/completions", json=body, timeout=300) as r:
+            lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+        got["done"] = lines[-1] == "data: [DONE]"
+        got["text"] = "".join(json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1])
+
+    t = threading.Thread(target=stream)
+    t.start()
+    wait_for(lambda: head.status()["active_requests"] >= 1, 60, "the streamed request to start")
+    head.proc.send_signal(signal.SIGTERM)
+    r = wait_for(lambda: httpx.post(head.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                    timeout=10), 20, "an answer while draining")
+    assert r.status_code == 503, r.text
+    t.join(timeout=300)
+    assert head.proc.wait(timeout=60) == 0, head.log_tail()
+    assert got["done"] and got["text"], got
+    assert "drained" in head.log_tail(200), head.log_tail()

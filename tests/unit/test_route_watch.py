@@ -1,4 +1,5 @@
-"""The head's watch over its route: a stage that stops announcing itself ends the pipeline."""
+"""The head's watch over its route: a stage that stops announcing itself, or announces a speed the
+head measured it does not have, ends the pipeline."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import types
 import pytest
 
 from molinkd.service import RouteLost, route_watch
+from molinkd.trust import MIN_STEPS, Measured
 
 HOPS = [{"peer": "head"}, {"peer": "s1"}, {"peer": "s2"}]
 
 
-def _daemon(*online: str):
-    recs = [types.SimpleNamespace(peer_id=p, online=True) for p in online]
-    return types.SimpleNamespace(disc=types.SimpleNamespace(snapshot=lambda: recs), route=None,
-                                 engine_replanning_at=-1e18)
+def _daemon(*online: str, throughput: float = 50.0, measured: dict | None = None):
+    d = types.SimpleNamespace(measured=lambda p: (measured or {}).get(p), banned={}, route=None,
+                              engine_replanning_at=-1e18)
+    d.set_online = lambda *peers: setattr(d, "disc", types.SimpleNamespace(snapshot=lambda: [
+        types.SimpleNamespace(peer_id=p, online=True, throughput=throughput) for p in peers]))
+    d.set_online(*online)
+    return d
 
 
 def test_a_complete_route_passes() -> None:
@@ -30,10 +35,17 @@ def test_a_missing_stage_is_reported_after_the_grace_period() -> None:
 
 def test_a_stage_that_comes_back_within_the_grace_period_is_forgiven() -> None:
     d = _daemon("s1")
-    check = route_watch(d, HOPS, grace=3600)
-    check()  # missing, but not for long
-    d.disc.snapshot = lambda: [types.SimpleNamespace(peer_id=p, online=True) for p in ("s1", "s2")]
-    check()
+    check = route_watch(d, HOPS, grace=0.5)
+    check()  # missing since now, but not for long
+    d.set_online("s1", "s2")
+    check()  # back: its missing time is forgotten
+    d.set_online("s1")
+    check()  # missing again: the grace starts over instead of counting from the first absence
+    import time
+
+    time.sleep(0.6)
+    with pytest.raises(RouteLost):
+        check()
 
 
 def test_the_watch_follows_the_route_in_use() -> None:
@@ -54,3 +66,17 @@ def test_no_verdict_while_the_engine_replans_its_route() -> None:
     d = _daemon("s1")
     d.engine_replanning_at = time.monotonic()
     route_watch(d, HOPS, grace=0)()  # s2 is missing, but the engine is on it
+
+
+def test_a_stage_announcing_far_more_than_measured_is_banned_as_a_liar() -> None:
+    slow = Measured(step_ms=40.0, steps=MIN_STEPS)
+    honest = _daemon("s1", "s2", throughput=50.0, measured={"s2": slow})
+    route_watch(honest, HOPS, grace=0)()
+    assert honest.banned == {}
+    liar = _daemon("s1", "s2", throughput=1e6, measured={"s2": slow})
+    route_watch(liar, HOPS, grace=0)()  # the pipeline goes on: it computes, only routes avoid it now
+    assert list(liar.banned) == ["s2"] and "lied about its speed" in liar.banned["s2"][1]
+    # too few steps measured yet: no verdict
+    early = _daemon("s1", "s2", throughput=1e6, measured={"s2": Measured(step_ms=40.0, steps=MIN_STEPS - 1)})
+    route_watch(early, HOPS, grace=0)()
+    assert early.banned == {}

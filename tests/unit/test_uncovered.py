@@ -18,7 +18,8 @@ def _rec(peer, start, end, *, ready=True, holder=None):
 def _daemon(*recs):
     return types.SimpleNamespace(disc=types.SimpleNamespace(snapshot=lambda: list(recs)),
                                  node=types.SimpleNamespace(peer_id="me"), cfg=types.SimpleNamespace(max_num_seqs=8),
-                                 rtts={}, model=types.SimpleNamespace(num_layers=30), span=(0, 10))
+                                 rtts={}, model=types.SimpleNamespace(num_layers=30), span=(0, 10),
+                                 measured=lambda p: None)
 
 
 def test_names_the_missing_middle_span():

@@ -1,0 +1,305 @@
+"""Churn soak: real daemons serve a steady load while peers are killed, hung and stopped.
+
+Layout (default): a gateway (no layers), ``--heads`` heads (0:15) and ``--stages`` stages (15:30),
+more stages than heads so every span has a spare. Clients stream greedy completions with
+``ignore_eos`` through the gateway and the heads. Every ``--fault-every`` seconds (jittered) a
+random stage (and, with ``--kill-heads``, a head) gets one fault: SIGKILL, SIGSTOP for
+``--stop-seconds``, or SIGTERM; killed and stopped daemons are restarted with the same identity.
+
+Report (a table, and with ``--json`` one JSON line last):
+- requests ok / total; every failure must be an explicit error (none silently truncated);
+- tokens lost or repeated: a completed request must have exactly ``max_tokens`` tokens and, in
+  float32 (the default), exactly the text an undisturbed run gave for its prompt;
+- ghost peers: a departed peer still listed online by a survivor two TTLs after it left;
+- RSS and open file descriptors of every daemon (and its engine processes) at start and end;
+- the longest gap between two streamed tokens a client saw (p50/p99/max over requests).
+
+usage: python benchmarks/soak.py [--duration 1800] [--fault-every 45] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.helpers import Daemon, boot_addr, wait_for  # noqa: E402
+
+PROMPTS = [
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "def fibonacci(n):",
+    "The history of the printing press",
+    "A recipe for bread:",
+    "The rules of chess are",
+]
+
+
+def _tree_usage(pid: int) -> tuple[float, int]:
+    """RSS (MiB) and open fds of a process and its children."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return 0.0, 0
+    rss = fds = 0
+    for q in procs:
+        try:
+            rss += q.memory_info().rss
+            fds += q.num_fds()
+        except psutil.Error:
+            pass
+    return rss / 2**20, fds
+
+
+class Client(threading.Thread):
+    """Loops streamed greedy completions against ``urls`` until ``stop`` is set."""
+
+    def __init__(self, idx: int, urls: list[str], max_tokens: int, stop: threading.Event, results: list,
+                 lock: threading.Lock) -> None:
+        super().__init__(daemon=True, name=f"client{idx}")
+        self.idx, self.urls, self.max_tokens, self.stop, self.results, self.lock = idx, urls, max_tokens, stop, results, lock
+
+    def run(self) -> None:
+        rng = random.Random(self.idx)
+        n = 0
+        while not self.stop.is_set() and n < 100_000:
+            n += 1
+            prompt = rng.choice(PROMPTS)
+            url = rng.choice(self.urls)
+            with self.lock:
+                self.results.append(one_request(url, prompt, self.max_tokens))
+
+
+def one_request(url: str, prompt: str, max_tokens: int, timeout: float = 600.0) -> dict:
+    """Stream one completion; returns what a client saw (never raises)."""
+    out = {"url": url, "prompt": prompt, "text": "", "tokens": 0, "ok": False, "error": None,
+           "max_gap": 0.0, "finish": None}
+    body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    last = time.monotonic()
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
+            if r.status_code != 200:
+                r.read()
+                out["error"] = f"HTTP {r.status_code}: {r.text[:200]}"
+                return out
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    out["ok"] = out["finish"] is not None and out["error"] is None
+                    break
+                ev = json.loads(data)
+                if "error" in ev:
+                    out["error"] = str(ev["error"])[:200]
+                    continue
+                if ev.get("usage") and not ev.get("choices"):
+                    out["tokens"] = ev["usage"]["completion_tokens"]
+                    continue
+                ch = ev["choices"][0]
+                now = time.monotonic()
+                if ch.get("text"):
+                    out["max_gap"] = max(out["max_gap"], now - last)
+                    last = now
+                    out["text"] += ch["text"]
+                if ch.get("finish_reason"):
+                    out["finish"] = ch["finish_reason"]
+    except Exception as e:  # noqa: BLE001 - a client sees everything as an error
+        out["error"] = f"{type(e).__name__}: {e}"[:200]
+    if out["ok"] and out["error"] is None and not out["tokens"]:
+        out["ok"] = False
+        out["error"] = "stream ended without usage"
+    return out
+
+
+class Swarm:
+    def __init__(self, tmp: Path, heads: int, stages: int, dtype: str, announce_period: float) -> None:
+        self.tmp = tmp
+        self.common = ["--dtype", dtype, "--announce-period", str(announce_period)]
+        self.specs: list[tuple[str, list[str]]] = [("gw", ["--layers", "none"])]
+        self.specs += [(f"stage{i}", ["--layers", "15:30"]) for i in range(stages)]
+        self.specs += [(f"head{i}", ["--layers", "0:15"]) for i in range(heads)]
+        self.daemons: dict[str, Daemon] = {}
+        self.boot = ""
+
+    def start(self, name: str) -> Daemon:
+        args = dict(self.specs)[name]
+        extra = ["--bootstrap", self.boot] if self.boot else []
+        d = Daemon(args + self.common + extra, self.tmp, name=name)
+        self.daemons[name] = d
+        return d
+
+    def start_all(self) -> None:
+        gw = self.start("gw")
+        self.boot = boot_addr(gw, timeout=60)
+        for name, _ in self.specs[1:]:
+            self.start(name)
+        for d in self.daemons.values():
+            d.wait_ready(timeout=900)
+
+    def stop_all(self) -> None:
+        for d in self.daemons.values():
+            with _suppress():
+                os.killpg(d.proc.pid, signal.SIGCONT)
+            with _suppress():
+                d.stop(timeout=20)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+def peer_ids(sw: Swarm) -> dict[str, str]:
+    return {n: d.status()["peer_id"] for n, d in sw.daemons.items()}
+
+
+def ghosts(sw: Swarm, gone: str, survivors: list[str]) -> list[str]:
+    """Survivors that still list ``gone`` as an online peer."""
+    out = []
+    for n in survivors:
+        with _suppress():
+            st = sw.daemons[n].status()
+            if any(p.get("peer_id") == gone and p.get("state", "online") == "online" for p in st["peers"][1:]):
+                out.append(n)
+    return out
+
+
+def run(a: argparse.Namespace) -> dict:
+    rng = random.Random(a.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="molink-soak-"))
+    sw = Swarm(tmp, a.heads, a.stages, a.dtype, a.announce_period)
+    stop = threading.Event()
+    results: list = []
+    lock = threading.Lock()
+    faults: list[dict] = []
+    ghost_count = 0
+    try:
+        sw.start_all()
+        ids = peer_ids(sw)
+        head_urls = [d.url for n, d in sw.daemons.items() if n.startswith("head")]
+        wait_for(lambda: all(httpx.get(u + "/status", timeout=5).json()["engine"]["state"] == "ready"
+                             for u in head_urls), 300, "heads with a route")
+        # references: every prompt undisturbed, on the first head
+        refs = {p: one_request(head_urls[0], p, a.max_tokens) for p in PROMPTS}
+        bad = {p: r["error"] for p, r in refs.items() if not r["ok"]}
+        if bad:
+            raise RuntimeError(f"undisturbed references failed: {bad}")
+        usage0 = {n: _tree_usage(d.proc.pid) for n, d in sw.daemons.items()}
+        urls = [sw.daemons["gw"].url, *head_urls]
+        clients = [Client(i, urls, a.max_tokens, stop, results, lock) for i in range(a.clients)]
+        for c in clients:
+            c.start()
+        t_end = time.monotonic() + a.duration
+        ttl = 3 * a.announce_period
+        while time.monotonic() < t_end:
+            time.sleep(min(max(0.0, t_end - time.monotonic()), a.fault_every * rng.uniform(0.7, 1.3)))
+            if time.monotonic() >= t_end:
+                break
+            pool = [n for n in sw.daemons if n.startswith("stage") or (a.kill_heads and n.startswith("head"))]
+            name = rng.choice(pool)
+            kind = rng.choice(["SIGKILL", "SIGSTOP", "SIGTERM"])
+            d = sw.daemons[name]
+            t0 = time.monotonic()
+            fault = {"t": round(t0 - (t_end - a.duration), 1), "peer": name, "fault": kind}
+            print(f"[soak] {fault['t']:7.1f}s {kind} {name}", file=sys.stderr, flush=True)
+            if kind == "SIGSTOP":
+                os.killpg(d.proc.pid, signal.SIGSTOP)
+                time.sleep(a.stop_seconds)
+                os.killpg(d.proc.pid, signal.SIGCONT)
+            else:
+                os.killpg(d.proc.pid, getattr(signal, kind))
+                with _suppress():
+                    d.proc.wait(timeout=60)
+                if d.proc.poll() is None:
+                    os.killpg(d.proc.pid, signal.SIGKILL)
+                    d.proc.wait(timeout=10)
+                time.sleep(2 * ttl)
+                survivors = [n for n in sw.daemons if n != name]
+                g = ghosts(sw, ids[name], survivors)
+                fault["ghosts"] = g
+                ghost_count += len(g)
+                d.stop()
+                sw.start(name).wait_ready(timeout=600)
+            fault["handled_s"] = round(time.monotonic() - t0, 1)
+            faults.append(fault)
+        stop.set()
+        for c in clients:
+            c.join(timeout=700)
+        usage1 = {n: _tree_usage(d.proc.pid) for n, d in sw.daemons.items()}
+    finally:
+        stop.set()
+        sw.stop_all()
+    total = len(results)
+    ok = [r for r in results if r["ok"]]
+    silent = [r for r in results if not r["ok"] and not r["error"]]
+    wrong_count = [r for r in ok if r["tokens"] != a.max_tokens]
+    wrong_text = [r for r in ok if a.dtype == "float32" and r["text"] != refs[r["prompt"]]["text"]]
+    gaps = sorted(r["max_gap"] for r in ok) or [0.0]
+    report = {
+        "duration_s": a.duration, "faults": faults, "requests": total, "ok": len(ok),
+        "ok_ratio": round(len(ok) / total, 5) if total else None,
+        "errors": sorted({r["error"] for r in results if r["error"]})[:10],
+        "silent_failures": len(silent), "token_count_mismatch": len(wrong_count),
+        "text_mismatch": len(wrong_text), "ghost_peers": ghost_count,
+        "gap_s_p50": round(statistics.median(gaps), 3), "gap_s_p99": round(gaps[int(0.99 * (len(gaps) - 1))], 3),
+        "gap_s_max": round(gaps[-1], 3),
+        "rss_mb_start": {n: round(v[0], 1) for n, v in usage0.items()},
+        "rss_mb_end": {n: round(v[0], 1) for n, v in usage1.items()},
+        "fds_start": {n: v[1] for n, v in usage0.items()}, "fds_end": {n: v[1] for n, v in usage1.items()},
+    }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=1800.0, help="seconds of churn")
+    p.add_argument("--fault-every", type=float, default=45.0, help="mean seconds between faults")
+    p.add_argument("--stop-seconds", type=float, default=20.0, help="how long a SIGSTOP lasts")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--kill-heads", action="store_true", help="heads get faults too (the gateway resumes)")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--dtype", default="float32", help="float32 makes greedy text comparable across resumes")
+    p.add_argument("--announce-period", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    r = run(a)
+    print(f"requests ok {r['ok']}/{r['requests']}  silent failures {r['silent_failures']}  "
+          f"token-count mismatches {r['token_count_mismatch']}  text mismatches {r['text_mismatch']}  "
+          f"ghost peers {r['ghost_peers']}")
+    print(f"longest token gap per request: p50 {r['gap_s_p50']} s  p99 {r['gap_s_p99']} s  max {r['gap_s_max']} s")
+    for f in r["faults"]:
+        print(f"  {f['t']:7.1f}s {f['fault']:8s} {f['peer']:7s} handled in {f['handled_s']} s"
+              + (f"  ghosts: {f['ghosts']}" if f.get("ghosts") else ""))
+    for n in r["rss_mb_start"]:
+        print(f"  {n:7s} rss {r['rss_mb_start'][n]:8.1f} -> {r['rss_mb_end'].get(n, 0):8.1f} MiB   "
+              f"fds {r['fds_start'][n]} -> {r['fds_end'].get(n)}")
+    if a.json:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
