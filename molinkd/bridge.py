@@ -90,6 +90,7 @@ async def pipe(a: Any, b: Any, label: str = "") -> None:
 async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str],
                             may_dial: Callable[[str, int, int], str | None],
                             plan_route: Callable[[list[str], list[str]], Awaitable[list[dict]]] | None = None,
+                            pipes: set[trio.CancelScope] | None = None,
                             task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on Unix socket ``path`` for engine processes that want a libp2p stream.
 
@@ -100,7 +101,8 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
 
     A head's engine may instead ask for a new route (``p2p.route {"exclude", "avoid"}``, see
     :mod:`molinkd.engine.link`): ``plan_route(exclude, avoid)`` returns it or raises with the
-    reason (answered as ``p2p.route_err``)."""
+    reason (answered as ``p2p.route_err``). Each open pipe's cancel scope is in ``pipes`` while it
+    runs: cancelling them cuts the engine's streams (it then sees its pipeline broken)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -156,7 +158,18 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await remote.close()
             raise
-        await pipe(raw, remote.raw, f"dial:{peer[:8]}")
+        with trio.CancelScope() as scope:
+            if pipes is not None:
+                pipes.add(scope)
+            try:
+                await pipe(raw, remote.raw, f"dial:{peer[:8]}")
+            finally:
+                if pipes is not None:
+                    pipes.discard(scope)
+        if scope.cancelled_caught:
+            for s in (raw, remote.raw):
+                with trio.CancelScope(shield=True), trio.move_on_after(5), contextlib.suppress(Exception):
+                    await s.close()
 
     async def _answer_route(local: FramedStream, raw: _TrioRaw, body: Any) -> None:
         try:

@@ -49,6 +49,9 @@ ROUTE_PEER_GRACE = 4.0
 # the head's engine asks for a new route about every second while it fails over; meanwhile the
 # daemon leaves the engine alone (the engine gives up by itself after its failover_wait)
 ENGINE_REPLAN_QUIET = 5.0
+# a route peer missing from the table: its streams are cut so the engine fails over by itself; if
+# the engine has not asked for a route this long after, it is restarted instead
+ENGINE_CUT_GRACE = 5.0
 ENGINE_RESTART_BACKOFF = (2.0, 30.0)
 
 
@@ -132,6 +135,7 @@ class Daemon:
         self.route: list[dict] | None = None
         self.route_error: str | None = None
         self.engine_replanning_at = -math.inf  # last time the head's engine asked for a new route
+        self.engine_pipes: set[trio.CancelScope] = set()  # the engine processes' libp2p streams
         self.stage_addr: str | None = None
         self.serving_head: str | None = None
         self.stage_sessions: collections.Counter[str] = collections.Counter()  # upstream -> open streams
@@ -368,6 +372,7 @@ def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) ->
     never closes its stream, and its step may take a while; its silence on the swarm is quicker
     to see than any step deadline that must allow for big prefills on slow machines."""
     missing_since: dict[str, float] = {}
+    cut_at: dict[str, float] = {}
 
     def check() -> None:
         from molinkd.trust import lie
@@ -388,7 +393,16 @@ def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) ->
                 missing_since.pop(peer, None)
                 continue
             since = missing_since.setdefault(peer, now)
-            if now - since >= grace:
+            if now - since < grace:
+                continue
+            if peer not in cut_at:
+                # the engine fails over by itself once its pipeline breaks: break it
+                cut_at[peer] = now
+                log.warning("route peer stopped announcing; cutting the engine's streams",
+                            extra=logs.kv(peer=peer))
+                for scope in list(getattr(d, "engine_pipes", ())):
+                    scope.cancel()
+            elif now - cut_at[peer] >= ENGINE_CUT_GRACE:
                 raise RouteLost(peer)
 
     return check
@@ -813,7 +827,7 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
                                              model_hash=model.model_hash))
         await nursery.start(lambda task_status: serve_dial_socket(
             node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial,
-            plan_route=lambda exclude, avoid: _replan_for_engine(d, exclude, avoid),
+            plan_route=lambda exclude, avoid: _replan_for_engine(d, exclude, avoid), pipes=d.engine_pipes,
             task_status=task_status))
         nursery.start_soon(_rtt_loop, d)
         if d.auto:

@@ -15,7 +15,7 @@ HOPS = [{"peer": "head"}, {"peer": "s1"}, {"peer": "s2"}]
 
 def _daemon(*online: str, throughput: float = 50.0, measured: dict | None = None):
     d = types.SimpleNamespace(measured=lambda p: (measured or {}).get(p), banned={}, route=None,
-                              engine_replanning_at=-1e18)
+                              engine_replanning_at=-1e18, engine_pipes=set())
     d.set_online = lambda *peers: setattr(d, "disc", types.SimpleNamespace(snapshot=lambda: [
         types.SimpleNamespace(peer_id=p, online=True, throughput=throughput) for p in peers]))
     d.set_online(*online)
@@ -26,8 +26,25 @@ def test_a_complete_route_passes() -> None:
     route_watch(_daemon("s1", "s2"), HOPS, grace=0)()  # the head itself need not be in its own table
 
 
-def test_a_missing_stage_is_reported_after_the_grace_period() -> None:
-    check = route_watch(_daemon("s1"), HOPS, grace=0)
+class _Scope:
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_missing_stage_cuts_the_engine_streams_then_is_reported(monkeypatch) -> None:
+    """First the engine's streams are cut (it fails over by itself); if it does not take over
+    within ENGINE_CUT_GRACE, the stage is reported lost (the engine is restarted)."""
+    from molinkd import service
+
+    d = _daemon("s1")
+    scope = _Scope()
+    d.engine_pipes.add(scope)
+    check = route_watch(d, HOPS, grace=0)
+    check()
+    assert scope.cancelled
+    monkeypatch.setattr(service, "ENGINE_CUT_GRACE", 0.0)
     with pytest.raises(RouteLost) as ei:
         check()
     assert ei.value.peer == "s2" and "stopped announcing" in str(ei.value)
@@ -44,8 +61,8 @@ def test_a_stage_that_comes_back_within_the_grace_period_is_forgiven() -> None:
     import time
 
     time.sleep(0.6)
-    with pytest.raises(RouteLost):
-        check()
+    check()  # missing past the grace: the engine's streams are cut first
+    assert d.route is None
 
 
 def test_the_watch_follows_the_route_in_use() -> None:
@@ -55,8 +72,10 @@ def test_the_watch_follows_the_route_in_use() -> None:
     d.route = [{"peer": "head"}, {"peer": "s1"}, {"peer": "s3"}]
     check()
     d.route = None  # no route given: the engine's first route
-    with pytest.raises(RouteLost):
-        check()
+    scope = _Scope()
+    d.engine_pipes.add(scope)
+    check()
+    assert scope.cancelled
 
 
 def test_no_verdict_while_the_engine_replans_its_route() -> None:
