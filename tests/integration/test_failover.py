@@ -46,8 +46,10 @@ def swarm(tmp_path_factory):
         a = Daemon(["--layers", "0:10", "--bootstrap", boot, "--failover-wait", "240", *ARGS], tmp, name="a")
         daemons.append(a)
         a.wait_ready(timeout=500)
-        yield {"a": a, "b1": b1, "b2": b2, "c": c}
+        swarm = {"a": a, "b1": b1, "b2": b2, "c": c}
+        yield swarm
     finally:
+        daemons += [d for d in swarm.values() if d not in daemons] if "swarm" in locals() else []
         for d in daemons:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(d.proc.pid, signal.SIGCONT)
@@ -242,4 +244,27 @@ def test_no_route_waits_then_a_new_peer_resumes_serving_without_restart(swarm, t
                   f"failover took {fo['seconds']} s in {fo['attempts']} attempts")
     finally:
         if "new" in box:
-            box["new"].stop()
+            swarm["b4"] = box["new"]  # the next test's stage in use (the fixture stops it)
+
+
+def test_a_draining_stage_is_replaced_inside_the_engine(swarm, tmp_path, capsys):
+    """SIGTERM of the stage in use: it says goodbye and drains; the head's daemon sees it leave,
+    cuts the engine's stream, and the engine fails over to a spare (nothing restarted or resumed)."""
+    head = swarm["a"]
+    used = swarm["b4"]
+    spare = Daemon(["--layers", "10:20", "--bootstrap", boot_addr(swarm["c"]), *ARGS], tmp_path, name="b5")
+    swarm["b5"] = spare
+    spare.wait_ready(timeout=500)
+    wait_for(lambda: head.status()["route"][1] == used.status()["peer_id"], 60, "the route through b4")
+    reference = _stream_all(head, _prompts())
+    before = head.status()
+    results, _ = _disturbed_run(swarm, lambda: os.kill(used.proc.pid, signal.SIGTERM))
+    _check_same(results, reference)
+    line = _report(f"SIGTERM (drain) of the middle stage, {N_REQ} x {N_TOK} tokens", _gaps(results))
+    after = head.status()
+    fo = after["pipeline"]["failovers"][-1]
+    assert fo["route"][1] == spare.status()["peer_id"], fo
+    assert after["resumed_requests"] == before["resumed_requests"]
+    assert used.proc.wait(timeout=60) == 0  # drained and exited cleanly
+    with capsys.disabled():
+        print(f"\n[failover] {line}; failover took {fo['seconds']} s ({fo['reason'][:80]})")
