@@ -13,7 +13,11 @@ keeps up to that many batches in flight), and :class:`PipelineExecutor` is its e
 - empty scheduler outputs (no tokens) are forwarded without hidden states and without a reply,
   so that finished requests are freed on every stage;
 - KV cache: each stage reports its capacity in the handshake; every stage (the head too, via
-  ``num_gpu_blocks_override``) uses the minimum.
+  ``num_gpu_blocks_override``) uses the minimum;
+- a lost tail (broken stream, ``eng.error``, a step past its :class:`~molinkd.engine.deadline.StepClock`
+  deadline) is replaced without vLLM noticing: every sent step stays in a log until answered,
+  answered ones feed a :class:`~molinkd.engine.mirror.RequestMirror`, and
+  :mod:`molinkd.engine.failover` rebuilds a new tail from it and re-sends the log.
 
 Build the engine with :func:`pipeline_engine_kwargs`; the executor reads its pipeline config
 from ``vllm_config.additional_config["molink_pipeline"]`` (EngineCore runs in a spawned
@@ -56,9 +60,10 @@ def pipeline_engine_kwargs(
     """Extra ``EngineArgs``/``LLM`` keyword arguments that make the engine a pipeline head.
 
     ``route`` is ``[{"peer", "addr", "start", "end"}, ...]`` head first (the head's ``addr`` is
-    unused); spans must tile ``[0, L)``. ``failover_wait``: how long in-engine failover (routes
-    of ``p2p:`` peers, under a daemon) looks for a new tail before the pipeline fails; 0 disables it. Combine with the usual arguments (model, dtype,
-    max_model_len, max_num_seqs, enforce_eager=True ...). Environment for the EngineCore process
+    unused); spans must tile ``[0, L)``. Combine with the usual arguments (model, dtype,
+    max_model_len, max_num_seqs, enforce_eager=True ...). ``failover_wait``: how long in-engine
+    failover (:mod:`molinkd.engine.failover`; routes of ``p2p:`` peers under a daemon) looks for
+    a new tail before the pipeline fails; 0 disables it. Environment for the EngineCore process
     (e.g. ``VLLM_CPU_KVCACHE_SPACE``) is the caller's business.
     """
     if len(route) < 2:
@@ -339,7 +344,7 @@ class PipelineExecutor(Executor):
         return value
 
     def execute_model(self, scheduler_output: Any, non_block: bool = False) -> Any:  # type: ignore[override]
-        from molinkd.engine import schedwire, wire
+        from molinkd.engine import schedwire
         from p2p.tensors import to_wire
 
         self.check_health()
