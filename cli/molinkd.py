@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size on CPU in GiB (default 1)")
     g.add_argument("--gpu-memory-utilization", type=_fraction, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--failover-wait", type=_nonneg_float, default=30.0, metavar="S",
+                   help="a head whose route loses a stage looks S seconds for a new one inside its running "
+                        "engine (requests wait) before restarting the engine; 0: restart at once (default 30)")
     g.add_argument("--drain-timeout", type=_nonneg_float, default=30.0, metavar="S",
                    help="on SIGTERM: leave the swarm, then wait up to S seconds for in-flight requests "
                         "(and a stage's head) to finish before exiting (default 30)")
@@ -332,6 +335,7 @@ def parse_join(argv: list[str]) -> tuple[DaemonConfig, argparse.Namespace]:
         kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization,
         seed=args.seed,
+        failover_wait=args.failover_wait,
         log_level=args.log_level,
         log_json=args.log_json,
         announce_period=args.announce_period,

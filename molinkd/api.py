@@ -66,10 +66,12 @@ def create_app(
     api_key: str | None = None,
     metrics: Metrics | None = None,
     ready_fn: Callable[[], tuple[bool, str]] | None = None,
+    why_unavailable: Callable[[], str | None] | None = None,
 ) -> QuartTrio:
     """Build the Quart app. ``backend_fn()`` returns the current backend (or None if none yet);
     ``metrics`` counts requests (and resumes) and renders ``/metrics``; ``ready_fn()`` answers
-    ``/ready`` as ``(ready, reason)``."""
+    ``/ready`` as ``(ready, reason)``; ``why_unavailable()`` explains a missing backend in 503
+    answers (e.g. which layers no peer serves)."""
     metrics = metrics if metrics is not None else Metrics()
     app = QuartTrio("molinkd")
     # Size is checked in _body(), which drains an oversized body before answering 413: clients that
@@ -126,7 +128,7 @@ def create_app(
     def _backend() -> Any:
         b = backend_fn()
         if b is None:
-            raise no_backend()
+            raise no_backend(why_unavailable() if why_unavailable is not None else None)
         return b
 
     @app.get("/health")
@@ -187,7 +189,8 @@ def create_app(
         def resumed(error: str, generated: int, attempt: int) -> None:
             metrics.request_resumed(endpoint, req.request_id, error, generated, attempt)
 
-        events = metrics.track(endpoint, req.request_id, resilient_stream(req, backend_fn, on_resume=resumed),
+        events = metrics.track(endpoint, req.request_id, resilient_stream(req, backend_fn, on_resume=resumed,
+                                                                why_unavailable=why_unavailable),
                                g.t0, bool(req.stream))
         # Pull the first event before answering, so validation errors get a proper status code.
         try:

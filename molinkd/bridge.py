@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -28,6 +28,9 @@ from molinkd.engine.admission import AdmissionError, Admitted
 from molinkd.engine.link import P2P_DIAL as DIAL  # one definition of the local protocol
 from molinkd.engine.link import P2P_DIAL_OK as DIAL_OK
 from molinkd.engine.link import P2P_FROM as FROM
+from molinkd.engine.link import P2P_ROUTE as ROUTE
+from molinkd.engine.link import P2P_ROUTE_ERR as ROUTE_ERR
+from molinkd.engine.link import P2P_ROUTE_OK as ROUTE_OK
 from molinkd.engine.link import STAGE_PROTOCOL
 from molinkd.engine.wire import HELLO, OPEN
 from molinkd.limits import CONTROL_MSG
@@ -87,13 +90,20 @@ async def pipe(a: Any, b: Any, label: str = "") -> None:
 
 async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str],
                             may_dial: Callable[[str, int, int], str | None],
+                            plan_route: Callable[[list[str], list[str]], Awaitable[list[dict]]] | None = None,
+                            pipes: set[trio.CancelScope] | None = None,
                             task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on Unix socket ``path`` for engine processes that want a libp2p stream.
 
     A request names the peer and the layer span it must serve; ``may_dial(peer, start, end)``
     returns None to allow it, or the reason to refuse (the peer is not announcing that span for
     our model): engine processes relay routes that came off the network, so the daemon only dials
-    peers the swarm shows serving the span asked for."""
+    peers the swarm shows serving the span asked for.
+
+    A head's engine may instead ask for a new route (``p2p.route {"exclude", "avoid"}``, see
+    :mod:`molinkd.engine.link`): ``plan_route(exclude, avoid)`` returns it or raises with the
+    reason (answered as ``p2p.route_err``). Each open pipe's cancel scope is in ``pipes`` while it
+    runs: cancelling them cuts the engine's streams (it then sees its pipeline broken)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -115,6 +125,9 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
         local = FramedStream(raw, peer="engine", limits=CONTROL_MSG)
         try:
             frame = await local.recv(timeout=10)
+            if frame.type == ROUTE and plan_route is not None:
+                await _answer_route(local, raw, frame.body)
+                return
             if frame.type != DIAL:
                 raise FrameError(f"expected {DIAL}, got {frame.type}")
             peer, proto = frame.get("peer"), frame.get("proto")
@@ -146,7 +159,33 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await remote.close()
             raise
-        await pipe(raw, remote.raw, f"dial:{peer[:8]}")
+        with trio.CancelScope() as scope:
+            if pipes is not None:
+                pipes.add(scope)
+            try:
+                await pipe(raw, remote.raw, f"dial:{peer[:8]}")
+            finally:
+                if pipes is not None:
+                    pipes.discard(scope)
+        if scope.cancelled_caught:
+            for s in (raw, remote.raw):
+                with trio.CancelScope(shield=True), trio.move_on_after(5), contextlib.suppress(Exception):
+                    await s.close()
+
+    async def _answer_route(local: FramedStream, raw: _TrioRaw, body: Any) -> None:
+        try:
+            exclude, avoid = (body or {}).get("exclude", []), (body or {}).get("avoid", [])
+            if not all(isinstance(x, list) and len(x) <= 64 and all(isinstance(p, str) for p in x)
+                       for x in (exclude, avoid)):
+                raise ValueError("exclude/avoid must be lists of peer ids")
+            route = await plan_route(exclude, avoid)  # type: ignore[misc]
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await local.send(ROUTE_ERR, {"message": str(e)[:1000]})
+        else:
+            with contextlib.suppress(Exception):
+                await local.send(ROUTE_OK, {"route": route})
+        await raw.close()
 
     async with listener:
         task_status.started(path)

@@ -39,6 +39,7 @@ class DaemonConfig:
     kv_cache_gib: float = 1.0
     gpu_memory_utilization: float | None = None
     seed: int = 0
+    failover_wait: float = 30.0  # a head's engine looks this long for a new tail before restarting
     # behaviour
     announce_period: float = 2.0  # peers expire after 3 periods of silence
     ban_seconds: float = 30.0  # first exclusion of a faulty peer from routes (doubles on repeats)

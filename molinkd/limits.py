@@ -15,7 +15,6 @@ Two kinds of bounds:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 KiB = 1 << 10
@@ -83,6 +82,17 @@ GENERATE_MSG = MsgLimits(
     max_elements=1 << 19,
 )
 
+# The events a head streams back on ``/molink/generate/1`` (read by the asker). A client that does
+# not stream gets its whole completion in one delta: up to max_model_len tokens, each with up to
+# 21 logprob entries [id, logprob, rank, text]. Heads should split such deltas (e.g. 1024 tokens per
+# event) so that GENERATE_MSG fits both directions; until then the asker reads with this profile.
+GENERATE_REPLY_MSG = GENERATE_MSG.replace(
+    name="generate-reply",
+    max_frame=32 * MiB,
+    max_str_len=16 * MiB,
+    max_elements=4 << 20,
+)
+
 # Small control exchanges: probes, the daemon's dial socket, dial-back, errors.
 CONTROL_MSG = MsgLimits(
     name="control",
@@ -107,7 +117,7 @@ RECORD_MSG = MsgLimits(
     max_elements=8192,
 )
 
-PROFILES = {p.name: p for p in (STAGE_MSG, GENERATE_MSG, CONTROL_MSG, RECORD_MSG)}
+PROFILES = {p.name: p for p in (STAGE_MSG, GENERATE_MSG, GENERATE_REPLY_MSG, CONTROL_MSG, RECORD_MSG)}
 
 # Records: what a peer may put in ``extras`` (no bytes, no ext: str/int/float/bool/None/lists/maps)
 RECORD_EXTRAS_MAX_BYTES = 16 * KiB
@@ -196,31 +206,30 @@ def session_limits(vllm_config: Any, num_blocks: int, **overrides: Any) -> Sessi
 
 
 def stage_msg_limits(s: SessionLimits) -> MsgLimits:
-    """STAGE_MSG tightened to one session: frames no bigger than a full micro-batch of hidden
-    states plus a scheduler output carrying every request's whole context."""
-    per_token = s.hidden_size * _DTYPE_BYTES.get(s.dtype, 4) * max(len(s.hidden_names), 1)
+    """STAGE_MSG tightened to one session: one bin holds at most one hidden-state tensor of a full
+    micro-batch (or a prompt's embeddings, or the grammar bitmask); a frame at most every hidden
+    tensor plus a scheduler output carrying every request's whole context."""
+    row = s.hidden_size * _DTYPE_BYTES.get(s.dtype, 4)
     tokens = s.max_num_batched_tokens + s.max_row_padding
+    bitmask = s.max_num_seqs * (-(-s.vocab_size // 32)) * 4
+    max_bin = max(row * max(tokens, s.max_model_len), bitmask, 1 * MiB)
     # a step may carry every request's full prompt and all its tokens (resumed requests)
     ctx_ints = 2 * s.max_num_seqs * s.max_model_len
-    frame = per_token * tokens + 9 * ctx_ints + 4 * MiB
-    frame = min(max(frame, 1 * MiB), STAGE_MSG.max_frame)
+    frame = row * tokens * max(len(s.hidden_names), 1) + max_bin + 9 * ctx_ints + 4 * MiB
     return STAGE_MSG.replace(
-        max_frame=frame,
-        max_bin_len=min(max(per_token * tokens, 1 * MiB), STAGE_MSG.max_bin_len),
+        max_frame=min(frame, STAGE_MSG.max_frame),
+        max_bin_len=min(max_bin, STAGE_MSG.max_bin_len),
         max_array_len=min(max(s.max_model_len, s.max_num_seqs, s.max_blocks_per_req, 1024) + 16,
                           STAGE_MSG.max_array_len),
         max_elements=min(ctx_ints + 64 * s.max_num_seqs * (s.max_logprobs + 2) + 65536, STAGE_MSG.max_elements),
     )
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else math.inf  # type: ignore[return-value]
-
-
 __all__ = [
     "CONTROL_MSG",
     "EXPANSION_SLACK",
     "GENERATE_MSG",
+    "GENERATE_REPLY_MSG",
     "MAX_ROUTE_LEN",
     "MsgLimits",
     "PROFILES",

@@ -70,7 +70,9 @@ def continuation(req: GenerationRequest, prompt_ids: list[int], generated: list[
     )
 
 
-def no_backend() -> APIError:
+def no_backend(why: str | None = None) -> APIError:
+    if why:
+        return APIError(503, f"no head serving this model is reachable: {why}; retry later and see /status")
     return APIError(503, "no head serving this model is reachable yet (engine loading, or no route); "
                          "retry in a few seconds and see /status")
 
@@ -94,17 +96,24 @@ async def resilient_stream(
     timeout: float = RESUME_TIMEOUT,
     max_resumes: int = MAX_RESUMES,
     on_resume: Callable[[str, int, int], None] | None = None,
+    why_unavailable: Callable[[], str | None] | None = None,
 ) -> AsyncIterator[dict]:
     """Events of ``req`` (see :mod:`molinkd.engine.driver`), resumed across backend failures.
 
     The first backend is ``backend_fn()`` (an APIError 503 if there is none: a request that has
     not started does not wait). After a retryable failure the request waits up to ``timeout``
     seconds for a backend and continues there, at most ``max_resumes`` times;
-    ``on_resume(error, tokens_generated, attempt)`` hears of each resume.
+    ``on_resume(error, tokens_generated, attempt)`` hears of each resume. ``why_unavailable()``
+    says why no backend serves (e.g. the layers no peer covers), for the 503 a request then gets.
     """
+
+    def why() -> str:
+        reason = why_unavailable() if why_unavailable is not None else None
+        return f" ({reason})" if reason else ""
+
     backend = backend_fn()
     if backend is None:
-        raise no_backend()
+        raise no_backend(why_unavailable() if why_unavailable is not None else None)
     prompt_ids: list[int] | None = None
     prompt_tokens = 0
     generated: dict[int, list[int]] = {}
@@ -162,10 +171,11 @@ async def resilient_stream(
                     log.warning("request lost its backend; resuming",
                                 extra=logs.kv(error=e.message, generated=so_far, attempt=resumes))
             elif now >= deadline:
-                raise APIError(503, f"{e.message}; no backend could resume the request within {timeout:.0f}s") from e
+                raise APIError(503, f"{e.message}; no backend could resume the request within {timeout:.0f}s"
+                                    f"{why()}") from e
             else:
                 await trio.sleep(1.0)  # a backend that is not serving yet (say, still announced as ready)
             backend = await wait_for_backend(backend_fn, deadline)
             if backend is None:
                 raise APIError(503, f"{e.message}; no backend came back within {timeout:.0f}s to resume "
-                                    "the request") from e
+                                    f"the request{why()}") from e

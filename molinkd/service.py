@@ -19,6 +19,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -45,6 +46,12 @@ ROUTE_RETRY = 1.0
 # a route peer missing from the peer table this long (after its record expired) is taken as
 # hung or gone: the head stops its engine and re-plans (requests in flight are resumed)
 ROUTE_PEER_GRACE = 4.0
+# the head's engine asks for a new route about every second while it fails over; meanwhile the
+# daemon leaves the engine alone (the engine gives up by itself after its failover_wait)
+ENGINE_REPLAN_QUIET = 5.0
+# a route peer missing from the table: its streams are cut so the engine fails over by itself; if
+# the engine has not asked for a route this long after, it is restarted instead
+ENGINE_CUT_GRACE = 5.0
 ENGINE_RESTART_BACKOFF = (2.0, 30.0)
 
 
@@ -129,6 +136,8 @@ class Daemon:
         self.route: list[dict] | None = None
         self.last_route: list[dict] | None = None  # the previous route, to log changes once
         self.route_error: str | None = None
+        self.engine_replanning_at = -math.inf  # last time the head's engine asked for a new route
+        self.engine_pipes: set[trio.CancelScope] = set()  # the engine processes' libp2p streams
         self.stage_addr: str | None = None
         self.serving_head: str | None = None
         self.stage_sessions: collections.Counter[str] = collections.Counter()  # upstream -> open streams
@@ -179,7 +188,8 @@ class Daemon:
         stage_ms = stats.get("stage_ms") or {}
         stages = [dict(h, step_ms=stage_ms.get(h["peer"])) for h in self.route]
         return stages, {"round_trip_ms": stats.get("round_trip_ms"), "steps": stats.get("steps", 0),
-                        "depth": stats.get("depth"), "inflight_max": stats.get("inflight_max")}
+                        "depth": stats.get("depth"), "inflight_max": stats.get("inflight_max"),
+                        "failovers": stats.get("failovers") or []}
 
     # -- role ---------------------------------------------------------------------------------
 
@@ -389,13 +399,17 @@ def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) ->
     never closes its stream, and its step may take a while; its silence on the swarm is quicker
     to see than any step deadline that must allow for big prefills on slow machines."""
     missing_since: dict[str, float] = {}
+    cut_at: dict[str, float] = {}
 
     def check() -> None:
         from molinkd.trust import lie
 
         records = {r.peer_id: r for r in d.disc.snapshot() if r.online} if d.disc else {}
         now = time.monotonic()
-        for h in hops[1:]:
+        if now - getattr(d, "engine_replanning_at", -math.inf) < ENGINE_REPLAN_QUIET:
+            missing_since.clear()  # the engine is replacing its route itself (bounded by its failover_wait)
+            return
+        for h in (d.route or hops)[1:]:  # the route in use: the engine may have failed over
             peer = h["peer"]
             ban = d.banned.get(peer)
             if (peer in records and (ban is None or ban[0] <= now)
@@ -406,7 +420,16 @@ def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) ->
                 missing_since.pop(peer, None)
                 continue
             since = missing_since.setdefault(peer, now)
-            if now - since >= grace:
+            if now - since < grace:
+                continue
+            if peer not in cut_at:
+                # the engine fails over by itself once its pipeline breaks: break it
+                cut_at[peer] = now
+                log.warning("route peer stopped announcing; cutting the engine's streams",
+                            extra=logs.kv(peer=peer))
+                for scope in list(getattr(d, "engine_pipes", ())):
+                    scope.cancel()
+            elif now - cut_at[peer] >= ENGINE_CUT_GRACE:
                 raise RouteLost(peer)
 
     return check
@@ -449,8 +472,12 @@ async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED, extra:
             await trio.to_thread.run_sync(engine.shutdown, abandon_on_cancel=True)
 
 
-def _stage_records(d: Daemon) -> list:
-    """Route candidates, planned with the speed this head measured (announcements are capped)."""
+AVOIDED_LOAD = 1e6  # a peer the engine suspects: routed through only if nothing else serves its span
+
+
+def _stage_records(d: Daemon, avoid: set[str] | frozenset[str] = frozenset()) -> list:
+    """Route candidates, planned with the speed this head measured (announcements are capped);
+    ``avoid``: peers the head's engine suspects, used only where nothing else serves their span."""
     from molinkd.routing import PeerRecord as RoutePeer
     from molinkd.trust import planning_throughput
 
@@ -463,28 +490,102 @@ def _stage_records(d: Daemon) -> list:
         if holder and holder != d.node.peer_id:
             continue  # serves another head: one head per stage at a time
         load = min(1.0, r.active_requests / max(1, d.cfg.max_num_seqs))
+        if r.peer_id in avoid:
+            load = AVOIDED_LOAD
         out.append(RoutePeer(peer_id=r.peer_id, span_start=r.span_start, span_end=r.span_end,
                              throughput=planning_throughput(r.throughput, d.measured(r.peer_id)), load=load,
                              rtt=d.rtts.get(r.peer_id), model_hash=r.model_hash))
     return out
 
 
-async def _run_head(d: Daemon) -> None:
-    """Wait for a route covering the model, start the engine on it; re-plan when it fails."""
-    from molinkd.engine.head import pipeline_engine_kwargs
+class _Replan(Exception):
+    """Probing found stages that are busy or misbehaving (now skipped or banned): plan again."""
+
+
+def _uncovered(d: Daemon, banned: set[str]) -> str:
+    """The layers after the head's span no usable stage serves, e.g. ``10:20`` (for messages)."""
+    from p2p.records import runs
+
+    served = [False] * d.model.num_layers
+    for r in _stage_records(d):
+        if r.peer_id not in banned:
+            for i in range(r.span_start, min(r.span_end, d.model.num_layers)):
+                served[i] = True
+    holes = [(a, b) for a, b in runs(served, lambda v: not v) if b > d.span[1]]
+    return ", ".join(f"{max(a, d.span[1])}:{b}" for a, b in holes) or "none (spans do not chain)"
+
+
+async def _plan_probed_route(d: Daemon, skipped: dict[str, float], avoid: set[str] = frozenset()) -> list[dict]:
+    """A route for this head through stages that answer a probe (head first, ``p2p:`` addresses).
+    Raises NoRouteError naming the layers nobody serves, or _Replan after probing."""
     from molinkd.routing import NoRouteError, PeerRecord as RoutePeer, plan_route, route_to_dicts
+
+    me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
+                   model_hash=d.model.model_hash)
+    now = time.monotonic()
+    banned = {p for p, (until, _, _) in d.banned.items() if until > now}
+    banned |= {p for p, until in skipped.items() if until > now}
+    try:
+        route = plan_route(me, _stage_records(d, avoid), d.model.num_layers, rtts=d.rtts, banned=banned)
+    except NoRouteError as e:
+        raise NoRouteError(f"layers {_uncovered(d, banned)} are served by no usable peer ({e})") from None
+    bad, busy = await _probe_route(d, route)
+    for peer in busy:
+        skipped[peer] = time.monotonic() + 5.0  # busy is not a fault: look again soon
+    for peer, why in bad.items():
+        _ban(d, peer, why)
+    if bad or busy:
+        raise _Replan()
+    return route_to_dicts(route, {h.peer_id: f"p2p:{h.peer_id}" for h in route.hops})
+
+
+def _use_route(d: Daemon, hops: list[dict]) -> None:
+    """Take ``hops`` as the route in use (a fresh engine's, or a failed-over engine's new tail)."""
+    if hops != d.last_route:
+        d.metrics.route_chosen(hops, d.last_route)
+    d.route = d.last_route = hops
+    d.route_error = None
+    if d.disc is not None:
+        d.disc.announce_now()
+
+
+async def _replan_for_engine(d: Daemon, exclude: list[str], avoid: list[str]) -> list[dict]:
+    """Answer the head engine's ``p2p.route`` (in-engine failover): ban what it excludes, plan
+    around what it avoids, and take the new route as the one in use. The engine keeps running."""
+    from molinkd.routing import NoRouteError
+
+    if d.role != "head":
+        raise RuntimeError(f"this peer is a {d.role}, not a head: it plans no routes")
+    d.engine_replanning_at = time.monotonic()
+    for peer in exclude:
+        if peer != d.node.peer_id:
+            _ban(d, peer, "failed in the pipeline (reported by the head's engine)")
+    skipped: dict[str, float] = {}
+    for _ in range(5):
+        try:
+            hops = await _plan_probed_route(d, skipped, set(avoid))
+        except NoRouteError as e:
+            d.route_error = str(e)
+            raise
+        except _Replan:
+            continue
+        _use_route(d, hops)
+        return hops
+    raise NoRouteError("the stages of every route found were busy or failed their probe")
+
+
+async def _run_head(d: Daemon) -> None:
+    """Wait for a route covering the model, start the engine on it; re-plan when it fails (the
+    engine fails over to a new tail by itself while it can: :mod:`molinkd.engine.failover`)."""
+    from molinkd.engine.head import pipeline_engine_kwargs
+    from molinkd.routing import NoRouteError
 
     backoff = _Backoff()
     announced_wait = False
     skipped: dict[str, float] = {}
     while True:
-        me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
-                       model_hash=d.model.model_hash)
-        now = time.monotonic()
-        banned = {p for p, (until, _, _) in d.banned.items() if until > now}
-        banned |= {p for p, until in skipped.items() if until > now}
         try:
-            route = plan_route(me, _stage_records(d), d.model.num_layers, rtts=d.rtts, banned=banned)
+            hops = await _plan_probed_route(d, skipped)
         except NoRouteError as e:
             d.route_error = str(e)
             d.engine_state = "waiting for route"
@@ -493,24 +594,16 @@ async def _run_head(d: Daemon) -> None:
                 announced_wait = True
             await trio.sleep(ROUTE_RETRY)
             continue
-        d.route_error = None
-        bad, busy = await _probe_route(d, route)
-        for peer in busy:
-            skipped[peer] = time.monotonic() + 5.0  # busy is not a fault: look again soon
-        for peer, why in bad.items():
-            _ban(d, peer, why)
-        if bad or busy:
+        except _Replan:
             continue
-        hops = route_to_dicts(route, {h.peer_id: f"p2p:{h.peer_id}" for h in route.hops})
         pps = d.cfg.pipeline_parallel_size
         if pps is not None and pps != len(hops):
             log.warning("--pipeline-parallel-size %d differs from the route found (%d stages); using the route",
                         pps, len(hops))
             _say(f"warning: --pipeline-parallel-size {pps} but the route has {len(hops)} stages; using the route")
-        if hops != d.last_route:
-            d.metrics.route_chosen(hops, d.last_route)
-        d.route = d.last_route = hops
-        kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path)
+        _use_route(d, hops)
+        kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path,
+                                        failover_wait=d.cfg.failover_wait)
         extra_env = (("MOLINK_P2P_DIAL", d.dial_path),)
         started = time.monotonic()
         with contextlib.suppress(FileNotFoundError):
@@ -738,7 +831,7 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
 
     d = Daemon(cfg, model, runtime_dir)
     app = create_app(d.current_backend, d.status, api_key=cfg.api_key, metrics=metrics.attach(d),
-                     ready_fn=d.readiness)
+                     ready_fn=d.readiness, why_unavailable=lambda: d.route_error)
     node_cfg = NodeConfig(listen=tuple(cfg.listen), announce=tuple(cfg.announce), bootstrap=tuple(cfg.bootstrap),
                           identity_path=cfg.identity, swarm_key_path=cfg.swarm_key,
                           allow_peers=read_allow_peers(cfg.allow_peers) if cfg.allow_peers else None)
@@ -766,7 +859,9 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
                                              model_hash=model.model_hash, guard=guard),
             max_frame=MAX_GENERATE_FRAME)
         await nursery.start(lambda task_status: serve_dial_socket(
-            node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial, task_status=task_status))
+            node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial,
+            plan_route=lambda exclude, avoid: _replan_for_engine(d, exclude, avoid), pipes=d.engine_pipes,
+            task_status=task_status))
         nursery.start_soon(_rtt_loop, d)
         nursery.start_soon(metrics.watch_peers, d, d.metrics)
         if d.auto:

@@ -100,7 +100,7 @@ def unpack(data: bytes | bytearray | memoryview, limits: MsgLimits, error: type[
         raise err(f"undecodable msgpack payload ({type(e).__name__}: {e})") from None
 
 
-_U8, _U16, _U32 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I")
+_U16, _U32 = struct.Struct(">H"), struct.Struct(">I")
 # estimated bytes of decoded Python objects (64-bit CPython), used to bound expansion
 _W_PTR, _W_INT, _W_FLOAT, _W_STR, _W_BIN, _W_LIST, _W_DICT, _W_ITEM = 8, 36, 32, 57, 41, 64, 72, 48
 

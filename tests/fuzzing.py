@@ -121,6 +121,13 @@ def mutate_step_bodies(body: dict, n: int, seed: int) -> Iterator[dict]:
 _HEADER = struct.Struct(">I")
 
 
+def mutate_frames(frame: bytes, n: int, seed: int) -> Iterator[bytes]:
+    """``n`` damaged copies of one encoded frame (header included), reproducible from ``seed``."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield mutate_bytes(frame, rng, framed=True)
+
+
 def mutate_bytes(data: bytes, rng: random.Random, *, framed: bool = False) -> bytes:
     """Damaged ``data``: bit flips, truncation, insertion, duplication, or (``framed``: data starts
     with a 4-byte length header) a header or msgpack length field that lies."""
@@ -156,4 +163,4 @@ def mutate_bytes(data: bytes, rng: random.Random, *, framed: bool = False) -> by
     return bytes(b)
 
 
-__all__ = ["HOSTILE", "hostile_value", "mutate", "mutate_bytes", "mutate_step_bodies"]
+__all__ = ["HOSTILE", "hostile_value", "mutate", "mutate_bytes", "mutate_frames", "mutate_step_bodies"]

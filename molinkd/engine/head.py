@@ -14,7 +14,11 @@ its executor:
 - empty scheduler outputs (no tokens) are forwarded without hidden states and without a reply,
   so that finished requests are freed on every stage;
 - KV cache: each stage reports its capacity in the handshake; every stage (the head too, via
-  ``num_gpu_blocks_override``) uses the minimum.
+  ``num_gpu_blocks_override``) uses the minimum;
+- a lost tail (broken stream, ``eng.error``, a step past its :class:`~molinkd.engine.deadline.StepClock`
+  deadline) is replaced without vLLM noticing: every sent step stays in a log until answered,
+  answered ones feed a :class:`~molinkd.engine.mirror.RequestMirror`, and
+  :mod:`molinkd.engine.failover` rebuilds a new tail from it and re-sends the log.
 
 Pipeline depth is decoupled from the route length: vLLM's ``pipeline_parallel_size`` only sizes
 its batch queue (``max_concurrent_batches``) and turns on ``new_token_ids`` in scheduler outputs;
@@ -84,14 +88,17 @@ def pipeline_engine_kwargs(
     keepalive: float = 10.0,
     stats_path: str = "",
     depth: int | None = None,
+    failover_wait: float = 30.0,
 ) -> dict:
     """Extra ``EngineArgs``/``LLM`` keyword arguments that make the engine a pipeline head.
 
     ``route`` is ``[{"peer", "addr", "start", "end"}, ...]`` head first (the head's ``addr`` is
     unused); spans must tile ``[0, L)``. Combine with the usual arguments (model, dtype,
-    max_model_len, max_num_seqs, enforce_eager=True ...). Environment for the EngineCore process
-    (e.g. ``VLLM_CPU_KVCACHE_SPACE``) is the caller's business. ``depth``: micro-batches in
-    flight (at least 2; default :func:`default_depth`).
+    max_model_len, max_num_seqs, enforce_eager=True ...). ``depth``: micro-batches in flight (at
+    least 2; default :func:`default_depth`). ``failover_wait``: how long in-engine failover
+    (:mod:`molinkd.engine.failover`; routes of ``p2p:`` peers under a daemon) looks for a new tail
+    before the pipeline fails; 0 disables it. Environment for the EngineCore process (e.g.
+    ``VLLM_CPU_KVCACHE_SPACE``) is the caller's business.
     """
     if len(route) < 2:
         raise ValueError("a pipeline route needs at least 2 stages; serve single-node otherwise")
@@ -115,6 +122,7 @@ def pipeline_engine_kwargs(
         "open_timeout": open_timeout,
         "keepalive": keepalive,
         "stats_path": stats_path,
+        "failover_wait": failover_wait,
     }
     return {
         "distributed_executor_backend": PipelineExecutor,
@@ -148,6 +156,7 @@ class StepStats:
         self.round_trip_ms: float | None = None
         self.steps = 0
         self.failure: dict | None = None
+        self.failovers: list[dict] = []  # the last few in-engine failovers (what, how long)
         self._last_write = 0.0
 
     def _ewma(self, old: float | None, new: float) -> float:
@@ -170,6 +179,10 @@ class StepStats:
             self.round_trip_ms = self._ewma(self.round_trip_ms, (time.perf_counter() - sent_at) * 1000)
         self._maybe_write()
 
+    def record_failover(self, entry: dict) -> None:
+        self.failovers = [*self.failovers[-7:], entry]
+        self._maybe_write(force=True)
+
     def record_failure(self, message: str, peer: str | None) -> None:
         """Say why the pipeline died and which peer is to blame (None: unknown), for the daemon."""
         if self.failure is None:
@@ -189,7 +202,7 @@ class StepStats:
                 json.dump({"stage_ms": {k: round(v, 2) for k, v in self.stage_ms.items()},
                            "round_trip_ms": round(self.round_trip_ms or 0.0, 2), "steps": self.steps,
                            "depth": self.depth, "inflight_max": self.inflight_max,
-                           "failure": self.failure}, fh)
+                           "failure": self.failure, "failovers": self.failovers[-8:]}, fh)
             os.replace(tmp, self.path)
         except OSError:
             pass
@@ -221,19 +234,35 @@ class PipelineExecutor(Executor):
         self.step_timeout = float(cfg["step_timeout"])
         self.session = uuid.uuid4().hex
         self._dead: str | None = None
-        # step -> (future, deadline, its scheduler output: the result is checked against it)
-        self._futures: dict[int, tuple[Future, float, Any]] = {}
+        # step -> (future, its scheduler output: the result is checked against it)
+        self._futures: dict[int, tuple[Future, Any]] = {}
         self.limits: Any = None  # SessionLimits once the session is open
-        self._step_sched: dict[int, Any] = {}  # sampled steps run locally, not yet sent
         self._route_peers = frozenset(h["peer"] for h in self.route)
         self._lock = threading.Lock()
         self._control: queue.Queue = queue.Queue()
         self._step_ids = itertools.count(1)
-        # steps run locally but not yet sent, oldest first: (step, body); a body with
-        # sample=True waits for sample_tokens (it needs the grammar output), empty steps queued
-        # behind it keep their order (stages must see finished requests after that step)
-        self._unsent: collections.deque[tuple[int, dict]] = collections.deque()
+        # steps run locally but not yet sent, oldest first: (step, body, so, head batch order); a
+        # body with sample=True waits for sample_tokens (it needs the grammar output), empty steps
+        # queued behind it keep their order (stages must see finished requests after that step)
+        self._unsent: collections.deque[tuple[int, dict, Any, list]] = collections.deque()
         self._last_send = time.monotonic()
+        # failover (molinkd.engine.failover): every step sent and not yet answered, the remote
+        # stages' state after the last answered one, the head worker's batch after its last step
+        from molinkd.engine.deadline import StepClock
+        from molinkd.engine.mirror import RequestMirror
+
+        self.clock = StepClock(initial=self.step_timeout)
+        self.mirror = RequestMirror()
+        self._log: collections.deque = collections.deque()  # failover.Sent, oldest first
+        self._send_lock = threading.RLock()  # the link, _log and _up change together
+        self._worker_lock = threading.Lock()  # the stage-0 worker: engine thread or failover
+        self._up = True  # steps go on the wire (False while failing over: they wait in _log)
+        self._gen = 0  # link generation: a reader of an older link stops
+        self._rebuild_steps: dict[int, int] = {}  # synthetic steps (-> tokens): results dropped
+        self._head_state: tuple[list[str], dict[str, int]] = ([], {})
+        self._last_result_at = 0.0
+        self._failing_over = False
+        self.failover_wait = 0.0  # set once the session is open (a failing start simply fails)
         self._stop = threading.Event()
         self.stats = {"steps": 0, "bytes_out": 0}
         self._sent_at: dict[int, float] = {}
@@ -255,7 +284,8 @@ class PipelineExecutor(Executor):
         except Exception as e:
             self.step_stats.record_failure(f"cannot connect to the first stage: {e}", self.route[1]["peer"])
             raise
-        self._reader = threading.Thread(target=self._read_loop, name="molink-head-reader", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, args=(self.link, 0), name="molink-head-reader",
+                                        daemon=True)
         self._reader.start()
         self._send(wire.HELLO, self._session_body(0))
         reply = self._await_control(wire.HELLO_OK, float(cfg["open_timeout"]))
@@ -271,14 +301,14 @@ class PipelineExecutor(Executor):
             raise PipelineError(msg) from None
         log.info("pipeline session %s: %s", self.session[:8], self.remote_stages)
 
-    def _session_body(self, num_blocks: int) -> dict:
+    def _session_body(self, num_blocks: int, *, session: str | None = None, route: list[dict] | None = None) -> dict:
         from molinkd.engine import wire
 
         vc = self.vllm_config
         return wire.session_body(
-            session=self.session,
+            session=session or self.session,
             model_hash=self.cfg.get("model_hash", ""),
-            route=self.route,
+            route=route or self.route,
             num_layers=self.num_layers,
             dtype=str(vc.model_config.dtype).removeprefix("torch."),
             max_model_len=vc.model_config.max_model_len,
@@ -313,11 +343,15 @@ class PipelineExecutor(Executor):
         with set_current_vllm_config(self.vllm_config):
             self.worker.initialize_from_config(cfg)
         self.worker.kv_blocks = cfg.num_blocks
+        self.num_blocks = cfg.num_blocks
         from molinkd.engine.admission import session_limits
 
         mc = self.model_config
         self.limits = session_limits(self._session_body(cfg.num_blocks), vocab_size=mc.get_vocab_size(),
                                      hidden_size=mc.get_hidden_size())
+        # in-engine failover needs the daemon (routes, dials): not for routes of plain addresses
+        if os.environ.get("MOLINK_P2P_DIAL") and all(h["addr"].startswith("p2p:") for h in self.route[1:]):
+            self.failover_wait = float(self.cfg.get("failover_wait", 30.0))
 
     # --- worker calls ----------------------------------------------------------------------
 
@@ -352,7 +386,7 @@ class PipelineExecutor(Executor):
         return value
 
     def execute_model(self, scheduler_output: Any, non_block: bool = False) -> Any:  # type: ignore[override]
-        from molinkd.engine import schedwire, wire
+        from molinkd.engine import schedwire
         from p2p.tensors import to_wire
 
         self.check_health()
@@ -372,22 +406,24 @@ class PipelineExecutor(Executor):
         step = next(self._step_ids)
         sched = schedwire.encode_scheduler_output(scheduler_output)
         t0 = time.perf_counter()
-        out = self.worker.execute_model(scheduler_output)
+        with self._worker_lock:
+            out = self.worker.execute_model(scheduler_output)
+            hidden = self.worker.mailbox.take_outbox()
+            order = self._note_head_state(scheduler_output)
         self.step_stats.record(self.route[0]["peer"], (time.perf_counter() - t0) * 1000)
-        hidden = self.worker.mailbox.take_outbox()
         wire_hidden = None if hidden is None else {k: to_wire(v) for k, v in hidden.items()}
         if scheduler_output.total_num_scheduled_tokens == 0:
             body = {"step": step, "sched": sched, "grammar": None, "hidden": None, "sample": False}
             if self._unsent:
-                self._unsent.append((step, body))
+                self._unsent.append((step, body, scheduler_output, order))
             else:
-                self._send(wire.STEP, body)
+                self._transmit(step, body, scheduler_output, order)
             result = out
         else:
             if wire_hidden is None:
                 raise PipelineError("stage 0 produced no hidden states for a non-empty step")
-            self._unsent.append((step, {"step": step, "sched": sched, "grammar": None, "hidden": wire_hidden, "sample": True}))
-            self._step_sched[step] = scheduler_output
+            self._unsent.append((step, {"step": step, "sched": sched, "grammar": None, "hidden": wire_hidden,
+                                        "sample": True}, scheduler_output, order))
             result = None
         if non_block:
             fut: Future = Future()
@@ -396,25 +432,20 @@ class PipelineExecutor(Executor):
         return result
 
     def sample_tokens(self, grammar_output: Any, non_block: bool = False) -> Any:  # type: ignore[override]
-        from molinkd.engine import schedwire, wire
+        from molinkd.engine import schedwire
 
         if not self._unsent or not self._unsent[0][1]["sample"]:
             raise PipelineError("sample_tokens called without a preceding non-empty execute_model")
-        step, body = self._unsent.popleft()
-        so = self._step_sched.pop(step)
+        step, body, so, order = self._unsent.popleft()
         body["grammar"] = schedwire.encode_grammar_output(grammar_output)
         fut: Future = Future()
         with self._lock:
-            self._futures[step] = (fut, time.monotonic() + self.step_timeout, so)
-            self._sent_at[step] = time.perf_counter()
+            self._futures[step] = (fut, so)
             if len(self._futures) > self.step_stats.inflight_max:
                 self.step_stats.inflight_max = len(self._futures)
-        try:
-            self._send(wire.STEP, body)
-            while self._unsent and not self._unsent[0][1]["sample"]:
-                self._send(wire.STEP, self._unsent.popleft()[1])
-        except Exception as e:
-            self._fail(f"sending step {step} failed: {e}")
+        self._transmit(step, body, so, order)
+        while self._unsent and not self._unsent[0][1]["sample"]:
+            self._transmit(*self._unsent.popleft())
         self.stats["steps"] += 1
         if non_block:
             return fut
@@ -455,6 +486,68 @@ class PipelineExecutor(Executor):
         self.link.send(t, body, timeout=self.step_timeout)
         self._last_send = time.monotonic()
 
+    def _transmit(self, step: int, body: dict, so: Any, order: list[str]) -> None:
+        """Send a step down the pipeline, or keep it for after the failover in progress. Every
+        step stays in the log until a result at or after it arrives (then the mirror takes it)."""
+        from molinkd.engine import wire
+        from molinkd.engine.failover import Sent
+
+        with self._send_lock:
+            now = time.monotonic()
+            self._log.append(Sent(step, body, so, order))
+            if body["sample"]:
+                self._sent_at[step] = now
+            if not self._up:
+                return
+            try:
+                self.link.send(wire.STEP, body, timeout=self.step_timeout)
+                self._last_send = now
+            except Exception as e:
+                self._lost(f"sending step {step} failed: {e}", avoid=[h["peer"] for h in self.route[1:2]])
+
+    def _note_head_state(self, so: Any) -> list[str]:
+        """After the stage-0 worker ran ``so``: its batch order and each batched request's KV
+        length (a failover puts the worker's batch back to exactly this)."""
+        runner = self.worker.model_runner
+        order = [r for r in runner.input_batch.req_ids if r is not None]
+        sched = so.num_scheduled_tokens
+        computed = {r.req_id: r.num_computed_tokens + sched.get(r.req_id, 0) for r in so.scheduled_new_reqs}
+        c = so.scheduled_cached_reqs
+        for i, rid in enumerate(c.req_ids):
+            computed[rid] = c.num_computed_tokens[i] + sched.get(rid, 0)
+        self._head_state = (order, {rid: computed.get(rid, 0) for rid in order})
+        return order
+
+    def _commit(self, step: int, out: Any, gen: int) -> bool:
+        """The result of ``step`` arrived on link ``gen``: every step up to it is now the stages'
+        past state. False if that link was replaced meanwhile (the step will be re-sent)."""
+        with self._send_lock:
+            if gen != self._gen:
+                return False
+            while self._log and self._log[0].step <= step:
+                e = self._log.popleft()
+                self.mirror.apply_step(e.so, e.order)
+            self.mirror.apply_result(out)
+            return True
+
+    def _lost(self, msg: str, culprit: str | None = None, *, avoid: list[str] | tuple = ()) -> None:
+        """The current link is unusable: fail over to a new tail (in a thread), or fail."""
+        from molinkd.engine.failover import start_failover
+
+        if self._stop.is_set():
+            return
+        with self._send_lock:
+            if self._failing_over or self._dead:
+                return
+            if self.failover_wait <= 0:
+                self._fail(msg, culprit)
+                return
+            self._failing_over = True
+            self._up = False
+            self._gen += 1
+        log.warning("pipeline lost (%s); failing over", msg)
+        start_failover(self, msg, culprit, list(avoid), detected_at=time.time())
+
     def _await_control(self, t: str, timeout: float) -> dict:
         from molinkd.engine import wire
 
@@ -476,60 +569,114 @@ class PipelineExecutor(Executor):
                 return body
             log.warning("ignoring unexpected %s while waiting for %s", ft, t)
 
-    def _read_loop(self) -> None:
+    def _read_loop(self, link: Any, gen: int) -> None:
         from molinkd.engine import schedwire, wire
         from molinkd.engine.link import LinkTimeout
 
         keepalive = float(self.cfg.get("keepalive", 10.0))
         nonce = itertools.count()
-        while not self._stop.is_set():
+
+        def current() -> bool:
+            return gen == self._gen and not self._stop.is_set()
+
+        while current():
             try:
-                f = self.link.recv(timeout=0.5)
+                f = link.recv(timeout=0.5)
             except LinkTimeout:
-                now = time.monotonic()
-                with self._lock:
-                    late = [s for s, (_, dl, _) in self._futures.items() if dl < now]
-                if late:
-                    self._fail(f"step {late[0]} got no result within {self.step_timeout}s")
+                if not current():
                     return
-                if now - self._last_send > keepalive:
+                now = time.monotonic()
+                late = self._late_step(now)
+                if late is not None:
+                    step, waited, budget = late
+                    # a hung stage says nothing: suspect the whole tail (it is rebuilt anyway)
+                    self._lost(f"step {step} got no result within {budget:.1f}s (waited {waited:.1f}s)",
+                               avoid=[h["peer"] for h in self.route[1:]])
+                    return
+                if now - self._last_send > keepalive and self._up:
                     with contextlib.suppress(Exception):
                         self._send(wire.PING, {"nonce": next(nonce)})
                 continue
             except Exception as e:
-                if not self._stop.is_set():
+                if current():
                     # the first stage is the only peer we talk to: a broken stream or a malformed
                     # frame is on it (further stages report their failures as eng.error frames)
-                    self._fail(f"pipeline connection lost: {e}", self.route[1]["peer"])
+                    self._lost(f"pipeline connection lost: {e}", avoid=[self.route[1]["peer"]])
+                return
+            if not current():
                 return
             if f.type == wire.RESULT:
                 step = f.get("step")
+                if step in self._rebuild_steps:
+                    now = time.monotonic()
+                    tokens = self._rebuild_steps.pop(step)
+                    sent = self._sent_at.pop(step, None)
+                    if sent is not None:
+                        self.clock.observe(tokens, now - max(sent, self._last_result_at))
+                    self._last_result_at = now
+                    continue
                 with self._lock:
                     entry = self._futures.pop(step, None)
                 if entry is None:
                     log.warning("result for unknown step %r", step)
                     continue
+                now = time.monotonic()
                 sent = self._sent_at.pop(step, None)
-                self.step_stats.record_result(f.get("timings"), sent, self._route_peers)
+                if sent is not None:
+                    self.clock.observe(entry[1].total_num_scheduled_tokens, now - max(sent, self._last_result_at))
+                self._last_result_at = now
+                self.step_stats.record_result(f.get("timings"), None if sent is None else
+                                              time.perf_counter() - (now - sent), self._route_peers)
                 try:
                     out = schedwire.decode_model_runner_output(f.get("output"))
-                    schedwire.check_model_runner_output(out, entry[2], self.limits)
+                    schedwire.check_model_runner_output(out, entry[1], self.limits)
                 except Exception as e:
                     # the last stage sampled it; the stages between only relay it
                     msg = f"bad result for step {step} from the last stage: {e}"
-                    entry[0].set_exception(PipelineError(msg))
-                    self._fail(msg, self.route[-1]["peer"])
+                    with self._lock:
+                        self._futures[step] = entry
+                    self._lost(msg, self.route[-1]["peer"])
                     return
+                try:
+                    if not self._commit(step, out, gen):
+                        with self._lock:
+                            self._futures[step] = entry
+                        return
+                except Exception as e:  # the mirror lost track: no failover possible any more
+                    log.error("request mirror failed at step %s: %s", step, e)
+                    self.failover_wait = 0.0
                 entry[0].set_result(out)
             elif f.type == wire.ERROR:
                 msg = f"stage {f.get('stage')} failed at step {f.get('step')}: {f.get('message')}"
                 self._control.put((f.type, f.body))
-                self._fail(msg, self._stage_peer(f.get("stage")))
+                self._lost(msg, self._stage_peer(f.get("stage")))
                 return
             elif f.type == wire.PONG:
                 continue
             else:
                 self._control.put((f.type, f.body))
+
+    def _late_step(self, now: float) -> tuple[int, float, float] | None:
+        """(step, seconds waited, budget) of the oldest unanswered step if it is past its budget.
+        Its clock starts when it was sent or when the step before it was answered."""
+        if not self._up:
+            return None
+        rebuilding = dict(self._rebuild_steps)
+        if rebuilding:  # steps re-sent after a failover queue behind the rebuild steps
+            step = min(rebuilding)
+            tokens = rebuilding[step]
+        else:
+            with self._lock:
+                if not self._futures:
+                    return None
+                step = min(self._futures)
+                tokens = self._futures[step][1].total_num_scheduled_tokens
+        sent = self._sent_at.get(step)
+        if sent is None:
+            return None
+        waited = now - max(sent, self._last_result_at)
+        budget = self.clock.budget(tokens)
+        return (step, waited, budget) if waited > budget else None
 
     def _stage_peer(self, index: Any) -> str | None:
         if isinstance(index, int) and not isinstance(index, bool) and 0 < index < len(self.route):
@@ -547,7 +694,7 @@ class PipelineExecutor(Executor):
         with self._lock:
             items = list(self._futures.values())
             self._futures.clear()
-        for fut, _, _ in items:
+        for fut, _ in items:
             if not fut.done():
                 fut.set_exception(PipelineError(msg))
 

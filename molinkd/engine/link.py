@@ -20,6 +20,10 @@ P2P_DIAL, P2P_DIAL_OK = "p2p.dial", "p2p.dial_ok"
 # first frame the daemon writes to its stage process for each incoming stream: {"peer": the
 # authenticated libp2p peer id that opened it}; the stage process checks every session against it
 P2P_FROM = "p2p.from"
+# an engine process asks its daemon for a new route: {"exclude": [peer ids never to use], "avoid":
+# [peer ids to use only if nothing else covers their layers]} -> p2p.route_ok {"route": [hops]} or
+# p2p.route_err {"message"} (the daemon keeps the route it gave as the one in use)
+P2P_ROUTE, P2P_ROUTE_OK, P2P_ROUTE_ERR = "p2p.route", "p2p.route_ok", "p2p.route_err"
 STAGE_PROTOCOL = "/molink/stage/1"
 
 

@@ -246,6 +246,10 @@ class SessionError(RuntimeError):
     pass
 
 
+PREEMPT_IDLE = 2.0  # seconds of upstream silence after which a newer session may replace the open one
+PREEMPT_WAIT = 60.0
+
+
 class StageServer:
     """Serve sessions for one :class:`StageWorker` (one upstream connection at a time).
 
@@ -276,25 +280,60 @@ class StageServer:
         self.steps = 0
         self._index = -1  # this stage's position in the current session's route
         self._session: Any = None  # SessionLimits once the session is open
+        self._down: Any = None  # the current session's link to the next stage
+        self._last_frame_at = 0.0  # when the current session's upstream last sent a frame
 
     def serve_forever(self, lsock: socket.socket, *, stop: threading.Event | None = None) -> None:
+        """Accept upstream connections, one session at a time. Under a daemon every connection is
+        a session its daemon admitted (while a session is open, only the same head's), so a new
+        one while a session is open means that head replaced its route (in-engine failover): the
+        old session's upstream may be a hung peer that never closes it. Once the old session has
+        been silent for ``PREEMPT_IDLE`` seconds (a live head's steps and pings keep it busier), it
+        is closed and the new one starts; a new connection waits at most ``PREEMPT_WAIT``."""
         from molinkd.engine.link import FramedLink
 
         lsock.settimeout(1.0)
+        current: tuple[Any, threading.Thread] | None = None
         while stop is None or not stop.is_set():
             try:
                 conn, _ = lsock.accept()
             except TimeoutError:
                 continue
+            if current is not None:
+                old_up, old_thread = current
+                deadline = time.monotonic() + PREEMPT_WAIT
+                while old_thread.is_alive() and time.monotonic() < deadline:
+                    if time.monotonic() - self._last_frame_at >= PREEMPT_IDLE:
+                        log.info("a new upstream connection replaces a silent session")
+                        old_up.close()
+                        self._close_down()
+                        old_thread.join(timeout=30)
+                        break
+                    old_thread.join(timeout=0.2)
+                if old_thread.is_alive():
+                    log.warning("the open session is still busy; dropping the new upstream connection")
+                    conn.close()
+                    continue
             up = FramedLink(conn, peer="upstream")
-            try:
-                self.serve_session(up)
-            except Exception:
-                log.exception("session ended with an error")
-            finally:
-                up.close()
-                with contextlib.suppress(Exception):
-                    self.worker.forget_all_requests()
+            t = threading.Thread(target=self._session_thread, args=(up,), name="stage-session", daemon=True)
+            current = (up, t)
+            t.start()
+
+    def _session_thread(self, up: Any) -> None:
+        try:
+            self.serve_session(up)
+        except Exception:
+            log.exception("session ended with an error")
+        finally:
+            up.close()
+            with contextlib.suppress(Exception):
+                self.worker.forget_all_requests()
+
+    def _close_down(self) -> None:
+        down = self._down
+        if down is not None:
+            with contextlib.suppress(Exception):
+                down.close()
 
     def serve_session(self, up: Any) -> None:
         """Serve one upstream connection: one session (hello, open, steps, close).
@@ -313,6 +352,7 @@ class StageServer:
         opener: str | None = None
         admitted: Any = None
         self._session = None
+        self._last_frame_at = time.monotonic()
         if self.peer_id:
             f = up.recv(timeout=self.idle_timeout)
             peer = f.get("peer")
@@ -323,6 +363,7 @@ class StageServer:
         try:
             while True:
                 f = up.recv(timeout=self.idle_timeout)
+                self._last_frame_at = time.monotonic()
                 try:
                     if f.type == wire.CLOSE:
                         if down is not None:
@@ -360,6 +401,7 @@ class StageServer:
                         else:
                             if down is None:
                                 down, relay = self._dial_next(body, up)
+                                self._down = down
                             body["stage"] += 1
                             down.send(f.type, body)
                     else:
@@ -378,6 +420,7 @@ class StageServer:
                     return
         finally:
             self._session = None
+            self._down = None
             if down is not None:
                 down.close()
             if relay is not None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from molinkd import forward
 from molinkd.engine import schedwire, wire
-from molinkd.limits import CONTROL_MSG, EXPANSION_SLACK, GENERATE_MSG, RECORD_MSG, STAGE_MSG
+from molinkd.limits import CONTROL_MSG, EXPANSION_SLACK, GENERATE_MSG, GENERATE_REPLY_MSG, RECORD_MSG, STAGE_MSG
 from molinkd.protocol import APIError, GenerationRequest
 from p2p.framing import HEADER, FrameDecoder, FrameError, decode_payload, encode_frame
 from p2p.records import PeerRecord, RecordError, decode_record, encode_record
@@ -28,7 +28,7 @@ from p2p.tensors import from_wire, to_wire
 from tests.fuzzing import mutate, mutate_bytes, mutate_step_bodies
 from tests.unit.test_schedcheck import LIM, decode, mro, prefill
 
-PROFILES = [STAGE_MSG, GENERATE_MSG, CONTROL_MSG, RECORD_MSG]
+PROFILES = [STAGE_MSG, GENERATE_MSG, GENERATE_REPLY_MSG, CONTROL_MSG, RECORD_MSG]
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 
@@ -307,3 +307,16 @@ def test_tensor_from_wire(d):
     expect(FrameError, from_wire, d)
     if isinstance(d, dict):
         expect(FrameError, from_wire, {**to_wire(torch.zeros(2, 3)), **d})
+
+
+def test_mutation_helpers_are_reproducible_and_mutate():
+    from tests.fuzzing import mutate_frames
+
+    body = step_body(decode())
+    a = list(mutate_step_bodies(body, 50, seed=5))
+    assert a == list(mutate_step_bodies(body, 50, seed=5))
+    assert a != list(mutate_step_bodies(body, 50, seed=6))
+    assert sum(m != body for m in a) >= 45
+    frame = VALID_FRAMES[1]
+    fa = list(mutate_frames(frame, 50, seed=1))
+    assert fa == list(mutate_frames(frame, 50, seed=1)) and sum(f != frame for f in fa) >= 45

@@ -152,3 +152,22 @@ async def test_a_request_that_lost_its_backend_before_any_token_simply_reruns() 
 def test_retryable_survives_the_wire() -> None:
     assert APIError.from_wire(APIError(502, "head lost", retryable=True).to_wire()).retryable
     assert not APIError.from_wire({"status": 500, "message": "from an older peer"}).retryable
+
+
+async def test_503_names_why_no_backend_serves() -> None:
+    """A head whose route lost a span it cannot replace: waiting requests end with a 503 that says
+    which layers no peer serves, and new requests get it at once."""
+    why = "layers 10:20 are served by no usable peer"
+    lost = APIError(503, "the engine is not running", retryable=True)
+    first = Scripted([10], lost, prompt_ids=[1])
+    backends = [first]
+    with trio.fail_after(3):
+        with pytest.raises(APIError) as ei:
+            async for _ in resilient_stream(_req(), lambda: backends[0] if first.ready else None, timeout=1.0,
+                                            why_unavailable=lambda: why):
+                pass
+    assert ei.value.status == 503 and why in ei.value.message
+    with pytest.raises(APIError) as ei:
+        async for _ in resilient_stream(_req(), lambda: None, why_unavailable=lambda: why):
+            pass
+    assert ei.value.status == 503 and why in ei.value.message
