@@ -36,6 +36,7 @@ from typing import Any, AsyncIterator, Callable
 
 import trio
 
+from molinkd.limits import GENERATE_MSG, GENERATE_REPLY_MSG
 from molinkd.protocol import MAX_LOGPROBS, MAX_N, APIError, GenerationRequest
 from p2p.framing import FrameError
 from p2p.streams import FramedStream, StreamClosed
@@ -177,6 +178,7 @@ class GenerateGuard:
 async def serve_generate(stream: FramedStream, remote: str, *, backend_fn: Callable[[], Any], model_hash: str,
                          guard: GenerateGuard | None = None) -> None:
     """Head side of the protocol: one request per stream (limits and authorization: ``guard``)."""
+    stream.limits = GENERATE_MSG  # HTTP's 4 MiB, prompt strings up to that size, no raw bytes
     try:
         frame = await stream.recv(timeout=FIRST_FRAME_TIMEOUT)
     except (StreamClosed, FrameError, trio.TooSlowError) as e:
@@ -271,7 +273,10 @@ class RemoteBackend:
         errors = []
         for peer in heads[:3]:
             try:
-                return await self.node.open_stream(peer, PROTOCOL, timeout=10, max_frame=MAX_GENERATE_FRAME)
+                stream = await self.node.open_stream(peer, PROTOCOL, timeout=10, max_frame=MAX_GENERATE_FRAME)
+                # the events coming back: a whole non-streamed completion with logprobs may be one
+                stream.limits = GENERATE_REPLY_MSG
+                return stream
             except Exception as e:  # DialError and friends
                 errors.append(f"{peer[:12]}: {e}")
         raise APIError(502, "could not reach any head: " + "; ".join(errors), retryable=True)

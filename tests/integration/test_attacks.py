@@ -318,6 +318,65 @@ async def test_malformed_frames_are_dropped(swarm, honest_load):
     assert swarm["victim"].status()["engine"]["state"] == "ready"
 
 
+async def test_live_stage_survives_mutated_steps_and_frames(swarm, honest_load):
+    """Fuzz a live stage: mutated step bodies inside admitted sessions (each is refused with an
+    eng.error, or is valid and computed), and damaged session frames as a stream's first frame.
+    The stage process never dies and still computes an honest step afterwards."""
+    from p2p.framing import encode_frame
+    from tests.fuzzing import mutate_frames, mutate_step_bodies
+
+    async with attackers(swarm) as (evil, helper, acc):
+        r = route(evil.peer_id, swarm["vid"], helper.peer_id)
+        refused = computed = 0
+        for body in mutate_step_bodies(prefill(blocks=[3]), 60, seed=8):
+            s = await victim_stream(evil, swarm)
+            await open_session(s, swarm, r, num_blocks=64)
+            try:
+                await s.send(wire.STEP, body)
+            except Exception:  # noqa: BLE001 - a body our own encoder refuses never leaves
+                await s.close()
+                continue
+            with trio.move_on_after(30):
+                async with trio.open_nursery() as n:
+                    async def on_error() -> None:
+                        nonlocal refused
+                        with contextlib.suppress(Exception):
+                            f = await s.recv(timeout=30)
+                            refused += f.type == wire.ERROR
+                        n.cancel_scope.cancel()
+
+                    async def on_forward() -> None:
+                        nonlocal computed
+                        await acc.steps.receive()
+                        computed += 1
+                        n.cancel_scope.cancel()
+
+                    n.start_soon(on_error)
+                    n.start_soon(on_forward)
+            await s.close()
+        assert refused + computed >= 50, (refused, computed)
+        hello = encode_frame(wire.HELLO, session(swarm, r))
+        for damaged in mutate_frames(hello, 200, seed=9):
+            s = await victim_stream(evil, swarm)
+            with contextlib.suppress(Exception):
+                await s.send_raw(damaged)
+                with trio.move_on_after(2):
+                    await s.recv(timeout=2)
+            await s.close()
+        # still alive and computing
+        s = await victim_stream(evil, swarm)
+        await open_session(s, swarm, r)
+        await s.send(wire.STEP, prefill(req="after-fuzz", blocks=[5]))
+        with trio.fail_after(60):
+            while True:
+                step = await acc.steps.receive()
+                if step["sched"]["scheduled_new_reqs"][0]["req_id"] == "after-fuzz":
+                    break
+        assert step["hidden"]["hidden_states"]["shape"] == [5, HIDDEN]
+    assert swarm["victim"].status()["engine"]["state"] == "ready"
+    assert "stage process exited" not in swarm["victim"].log_tail(1000)
+
+
 def test_honest_requests_were_served_throughout(swarm, honest_load):
     wait_for(lambda: len(honest_load) >= 3, 120, "a few honest requests")
     assert honest_load and all(r is True for r in honest_load), honest_load

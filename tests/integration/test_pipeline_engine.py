@@ -62,7 +62,7 @@ def _hello(stage: Stage, **change) -> tuple[str, dict]:
 
 @pytest.mark.parametrize("change,needle", [
     ({"route": [{"peer": "head", "addr": "", "start": 0, "end": 10},
-                {"peer": "s", "addr": "", "start": 10, "end": 30}]}, "route gives this stage 10:30"),
+                {"peer": "s", "addr": "", "start": 10, "end": 30}]}, "gives this stage layers 10:30"),
     ({"dtype": "bfloat16"}, "dtype mismatch"),
     ({"max_model_len": 4096}, "max_model_len"),
     ({"max_num_seqs": 1000}, "larger limits"),

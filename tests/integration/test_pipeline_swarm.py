@@ -304,7 +304,13 @@ def _gateway_picks_the_less_loaded_head_and_frees_slots(gw: Daemon, h1: Daemon, 
 def _stage_process(d: Daemon):
     import psutil
 
-    kids = [p for p in psutil.Process(d.proc.pid).children() if "molinkd.engine.stage" in " ".join(p.cmdline())]
+    kids = []
+    for p in psutil.Process(d.proc.pid).children():
+        try:  # a killed child may linger as a zombie until the daemon reaps it
+            if p.status() != psutil.STATUS_ZOMBIE and "molinkd.engine.stage" in " ".join(p.cmdline()):
+                kids.append(p)
+        except psutil.Error:
+            pass
     return kids[0] if len(kids) == 1 else None
 
 
@@ -348,11 +354,12 @@ def test_a_killed_then_a_hung_stage_mid_request(swarm):
         finally:
             os.kill(spare.proc.pid, signal.SIGCONT)
 
-    # no other peer serves the hung span now: the engine finds no new tail, the head restarts it
-    # once the stage is back, and the requests are resumed
-    assert _requests_survive(a, c, F32_PROMPTS[3], hang_until_banned) == "resumed"
+    # no other peer serves the hung span now: the engine waits for a new tail; once the stage is
+    # back the requests carry on, in the same engine or a restarted one (then resumed)
+    # (if it is back within --failover-wait the running engine takes it again: "failover")
+    how = _requests_survive(a, c, F32_PROMPTS[3], hang_until_banned)
     st = a.status()
-    assert st["route"][1] == spare_id and st["resumed_requests"] >= 1 and spare_id in st["banned"]
+    assert how in ("failover", "resumed") and st["route"][1] == spare_id and spare_id in st["banned"]
 
 
 def _requests_survive(head: Daemon, asker: Daemon, prompt: str, act) -> str:
