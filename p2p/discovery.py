@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from molinkd.limits import RECORD_MAX_AGE_TTLS, RECORD_MAX_FUTURE_SKEW, RECORD_MAX_PEERS_PER_IP
+from p2p.ratelog import RateLimitedLog
 from p2p.records import PeerRecord, PeerTable, RecordError, check_fresh, decode_record, encode_record
 
 log = logging.getLogger(__name__)
@@ -42,24 +43,6 @@ _RECORD_FIELDS = {f for f in PeerRecord.__dataclass_fields__}  # noqa: C416
 
 def topic_for(model_hash: str) -> str:
     return f"molink/{model_hash[:16]}/peers/v1"
-
-
-class _RateLimitedLog:
-    """At most one WARNING per ``interval`` seconds per key; the rest go to DEBUG."""
-
-    def __init__(self, interval: float = 5.0) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-
-    def warning(self, key: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) >= self.interval:
-            if len(self._last) > 1000:
-                self._last.clear()
-            self._last[key] = now
-            log.warning(msg, *args)
-        else:
-            log.debug(msg, *args)
 
 
 class Discovery:
@@ -134,7 +117,7 @@ class Discovery:
         self._left = False
         self._last_dial: dict[str, float] = {}
         self._dial_send, self._dial_recv = trio.open_memory_channel[PeerRecord](64)
-        self._warn = _RateLimitedLog()
+        self._warn = RateLimitedLog(log, interval=5.0)
         self._running = False
 
     # -- public

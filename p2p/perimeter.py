@@ -34,6 +34,8 @@ from libp2p.rcmgr.manager import ResourceManager
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from p2p.ratelog import RateLimitedLog
+
 if TYPE_CHECKING:
     from p2p.host import Node, NodeConfig
 
@@ -145,28 +147,6 @@ def read_allow_peers(path: Path) -> frozenset[str]:
     return frozenset(out)
 
 
-
-
-class RateLimitedLog:
-    """At most one WARNING per ``interval`` seconds per key (the rest go to DEBUG): a flood must not
-    turn into a flood of log lines."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self.suppressed = 0
-
-    def warning(self, key: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) >= self.interval:
-            if len(self._last) > 1000:
-                self._last.clear()
-            self._last[key] = now
-            self.logger.warning(msg, *args)
-        else:
-            self.suppressed += 1
-            self.logger.debug(msg, *args)
 
 
 class TokenBucket:

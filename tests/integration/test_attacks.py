@@ -319,7 +319,8 @@ async def test_malformed_frames_are_dropped(swarm, honest_load):
 
 
 async def test_live_stage_survives_mutated_steps_and_frames(swarm, honest_load):
-    """Fuzz a live stage: mutated step bodies inside admitted sessions (each is refused with an
+    """Fuzz a live stage (kept small for the suite's time; the decoders get ~60k inputs in
+    tests/unit/test_fuzz.py): mutated step bodies inside admitted sessions (each is refused with an
     eng.error, or is valid and computed), and damaged session frames as a stream's first frame.
     The stage process never dies and still computes an honest step afterwards."""
     from p2p.framing import encode_frame
@@ -328,7 +329,7 @@ async def test_live_stage_survives_mutated_steps_and_frames(swarm, honest_load):
     async with attackers(swarm) as (evil, helper, acc):
         r = route(evil.peer_id, swarm["vid"], helper.peer_id)
         refused = computed = 0
-        for body in mutate_step_bodies(prefill(blocks=[3]), 60, seed=8):
+        for body in mutate_step_bodies(prefill(blocks=[3]), 12, seed=8):
             s = await victim_stream(evil, swarm)
             await open_session(s, swarm, r, num_blocks=64)
             try:
@@ -354,9 +355,9 @@ async def test_live_stage_survives_mutated_steps_and_frames(swarm, honest_load):
                     n.start_soon(on_error)
                     n.start_soon(on_forward)
             await s.close()
-        assert refused + computed >= 50, (refused, computed)
+        assert refused + computed >= 10, (refused, computed)
         hello = encode_frame(wire.HELLO, session(swarm, r))
-        for damaged in mutate_frames(hello, 200, seed=9):
+        for damaged in mutate_frames(hello, 80, seed=9):
             s = await victim_stream(evil, swarm)
             with contextlib.suppress(Exception):
                 await s.send_raw(damaged)
