@@ -675,7 +675,10 @@ class PipelineExecutor(Executor):
         if sent is None:
             return None
         waited = now - max(sent, self._last_result_at)
-        budget = self.clock.budget(tokens)
+        # the tight, measured budget only where a late step can be recovered inside the engine
+        # (failover under a daemon); elsewhere a slow step on a loaded machine (a big prompt-logprobs
+        # prefill, say) must not end the pipeline: the fixed step_timeout applies
+        budget = self.clock.budget(tokens) if self.failover_wait > 0 else self.step_timeout
         return (step, waited, budget) if waited > budget else None
 
     def _stage_peer(self, index: Any) -> str | None:
