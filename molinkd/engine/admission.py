@@ -109,19 +109,3 @@ def same_session(first: Admitted, body: dict) -> None:
     if body["session"] != first.session or body["route"][0]["peer"] != first.head:
         raise AdmissionError("a connection carries one session; open a new stream for another")
 
-
-def session_limits(body: dict, *, vocab_size: int, hidden_size: int) -> Any:
-    """The :class:`molinkd.limits.SessionLimits` an opened session's steps are checked against
-    (``body`` is the admitted ``eng.open``; vocabulary and hidden size come from our own model)."""
-    from molinkd.limits import SessionLimits
-
-    return SessionLimits(
-        num_blocks=body["num_blocks"],
-        block_size=body["block_size"],
-        max_num_seqs=body["max_num_seqs"],
-        max_num_batched_tokens=body["max_num_batched_tokens"],
-        max_model_len=body["max_model_len"],
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        dtype=body["dtype"],
-    )

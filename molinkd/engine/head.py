@@ -344,11 +344,9 @@ class PipelineExecutor(Executor):
             self.worker.initialize_from_config(cfg)
         self.worker.kv_blocks = cfg.num_blocks
         self.num_blocks = cfg.num_blocks
-        from molinkd.engine.admission import session_limits
+        from molinkd.limits import session_limits
 
-        mc = self.model_config
-        self.limits = session_limits(self._session_body(cfg.num_blocks), vocab_size=mc.get_vocab_size(),
-                                     hidden_size=mc.get_hidden_size())
+        self.limits = session_limits(self.vllm_config, cfg.num_blocks)
         # in-engine failover needs the daemon (routes, dials): not for routes of plain addresses
         if os.environ.get("MOLINK_P2P_DIAL") and all(h["addr"].startswith("p2p:") for h in self.route[1:]):
             self.failover_wait = float(self.cfg.get("failover_wait", 30.0))

@@ -458,15 +458,17 @@ class StageServer:
         """Start a session on the KV cache allocated at start-up (its full size: a session's block
         count only bounds the block ids it may use, so no session can shrink the cache for the
         next one)."""
-        from molinkd.engine.admission import session_limits
+        from molinkd.limits import session_limits
 
         have = self.worker.kv_blocks
         num_blocks = b["num_blocks"]
         if not 1 <= num_blocks <= have:
             raise SessionError(f"{num_blocks} KV blocks asked, this stage holds 1..{have}")
         self.worker.forget_all_requests()
-        mc = self.worker.vllm_config.model_config
-        self._session = session_limits(b, vocab_size=mc.get_vocab_size(), hidden_size=mc.get_hidden_size())
+        # this stage's model (vocabulary, width), the session's agreed bounds (checked against ours)
+        self._session = session_limits(
+            self.worker.vllm_config, num_blocks, block_size=b["block_size"], max_num_seqs=b["max_num_seqs"],
+            max_num_batched_tokens=b["max_num_batched_tokens"], max_model_len=b["max_model_len"], dtype=b["dtype"])
 
     def _dial_next(self, b: dict, up: Any) -> tuple[Any, threading.Thread]:
         from molinkd.engine.admission import next_hop_addr
