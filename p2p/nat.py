@@ -755,6 +755,10 @@ async def run_nat_services(
         node.dial_hook = dial_hook
     try:
         async with background_trio_service(svc.protocol):  # STOP handler (incoming circuits)
+            # the library registers its own HOP handler in run(), which may start after the
+            # manager says "started": only then put ours (the per-peer cap) in its place
+            with trio.move_on_after(10):
+                await svc.protocol.event_started.wait()
             svc._update_relay_service()
             async with trio.open_nursery() as nursery:
                 if svc.dcutr is not None:
