@@ -2,9 +2,10 @@
 outputs of single-node vLLM on the same model (the 3-stage chain runs through daemons in
 test_pipeline_swarm.py).
 
-float32 is used where batches are compared (bf16 greedy output depends on batch composition,
-design.md section 4); one-at-a-time generation is compared in bf16 too. The references are
-computed in the same run on the same machine (conftest.py).
+float32, so batches can be compared too (bf16 greedy output depends on batch composition,
+design.md section 4); a bf16 route is compared with plain bf16 vLLM one request at a time in
+test_attacks.py (its swarm is bf16). The references are computed in the same run on the same
+machine (conftest.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import F32_PROMPTS, MAX_TOKENS, PROMPTS
+from tests.integration.conftest import F32_PROMPTS, MAX_TOKENS
 from tests.integration.pipeline_helpers import DRIVER, BackgroundJob, Stage, route_for
 
 pytestmark = pytest.mark.slow
@@ -26,19 +27,14 @@ def spec(model_dir, dtype, route=None, prompts=F32_PROMPTS, **kw):
 
 @pytest.fixture(scope="module")
 def stages(model_dir, tmp_path_factory, f32_reference_job):
-    """A float32 and a bfloat16 stage for layers 15:30, loading in parallel (and with the float32
-    reference)."""
+    """A float32 stage for layers 15:30 (loading while the float32 reference computes)."""
     tmp = tmp_path_factory.mktemp("pipeline_engine")
-    (tmp / "f32").mkdir()
-    (tmp / "bf16").mkdir()
-    started = [Stage(model_dir, "15:30", tmp / "f32", dtype="float32"), Stage(model_dir, "15:30", tmp / "bf16")]
+    stage = Stage(model_dir, "15:30", tmp, dtype="float32")
     try:
-        for s in started:
-            s.wait_ready()
-        yield {"float32": started[0], "bfloat16": started[1]}
+        stage.wait_ready()
+        yield {"float32": stage}
     finally:
-        for s in started:
-            s.stop()
+        stage.stop()
 
 
 def _hello(stage: Stage, **change) -> tuple[str, dict]:
@@ -82,24 +78,17 @@ def test_stage_accepts_a_matching_probe(stages):
 
 
 @pytest.fixture(scope="module")
-def pipeline_runs(model_dir, stages, tmp_path_factory):
-    """A float32 and a bfloat16 pipeline head (the driver) through their stages, run in parallel."""
-    tmp = tmp_path_factory.mktemp("pipeline_runs")
-    jobs = {
-        "float32": BackgroundJob([sys.executable, str(DRIVER), json.dumps(spec(
-            model_dir, "float32", route_for([(0, 15), (15, 30)], [stages["float32"]]), batch=True, logprobs=3))],
-            tmp, "driver-f32"),
-        "bfloat16": BackgroundJob([sys.executable, str(DRIVER), json.dumps(spec(
-            model_dir, "bfloat16", route_for([(0, 15), (15, 30)], [stages["bfloat16"]]), prompts=PROMPTS))],
-            tmp, "driver-bf16"),
-    }
-    yield jobs
-    for j in jobs.values():
-        j.stop()
+def pipeline_run(model_dir, stages, tmp_path_factory):
+    """A float32 pipeline head (the driver) through the stage."""
+    job = BackgroundJob([sys.executable, str(DRIVER), json.dumps(spec(
+        model_dir, "float32", route_for([(0, 15), (15, 30)], [stages["float32"]]), batch=True, logprobs=3))],
+        tmp_path_factory.mktemp("pipeline_run"), "driver-f32")
+    yield job
+    job.stop()
 
 
-def test_two_stages_match_single_node_f32(pipeline_runs, f32_reference):
-    got = pipeline_runs["float32"].result()
+def test_two_stages_match_single_node_f32(pipeline_run, f32_reference):
+    got = pipeline_run.result()
     assert got["one"] == f32_reference["one"]
     # several concurrent requests in one batch: the same texts, every request the full length
     assert got["batch"] == f32_reference["batch"]
@@ -110,7 +99,3 @@ def test_two_stages_match_single_node_f32(pipeline_runs, f32_reference):
         for t in a:
             assert a[t] == pytest.approx(b[t], abs=1e-2)
     assert got["prompt_logprobs"] == f32_reference["prompt_logprobs"]
-
-
-def test_two_stages_match_plain_vllm_bf16_one_at_a_time(pipeline_runs, plain_vllm_outputs):
-    assert pipeline_runs["bfloat16"].result()["one"] == plain_vllm_outputs
