@@ -23,8 +23,10 @@ seen). What it does not catch:
   processor (repetition penalty, logit bias, bad words, allowed tokens, min_tokens, structured
   output), and decode steps (only the first token of a request is checked: a liar that computes
   prefills honestly and corrupts later tokens is not seen);
-- sampled requests are checked loosely: the route's token must not be one an honest sampler draws
-  with probability below ``RARE`` (about e^-14), which catches garbage but not a plausible wrong token;
+- sampled requests are checked loosely: the route's token is refused only if an honest sampler
+  would draw a token that unlikely less than once in a million audits, which with a 49152-token
+  vocabulary at T=1 means about 25 nats below the best (stage outputs corrupted by negating their
+  input came out 11 nats below: caught on greedy requests, not on sampled ones);
 - nothing at all when no other peer serves the route's remote layers (the two-machine case), or
   while every such peer serves another head (an audit never disturbs another head's stages);
 - collusion: a verifier that lies the same way as the stage it checks.
@@ -47,7 +49,7 @@ from typing import Any
 DEFAULT_RATE = 0.05  # of the auditable new requests
 DEFAULT_TOLERANCE = 2.0  # nats: an honest stage on another CPU (other bf16 kernels) must pass
 DEFAULT_QUORUM = 2  # distinct verifier routes that disagree before a ban
-RARE = 14.0  # nats: a sampled token with probability below e^-14 (~1e-6) "cannot" be an honest draw
+RARE = 13.8  # nats: ln(1e6): sampled audits disagree wrongly less than once in a million
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below it are greedy
 
 
@@ -90,20 +92,22 @@ class Verdict:
 
 
 def judge(route_token: int, verifier_token: int, verifier_max: float, route_token_logprob: float, *,
-          temperature: float, tolerance: float = DEFAULT_TOLERANCE) -> Verdict:
+          temperature: float, tolerance: float = DEFAULT_TOLERANCE, candidates: int = 1) -> Verdict:
     """Compare the route's first token with the verifier's computation of the same step.
 
     ``verifier_token``/``verifier_max``: the verifier's greedy token and its (raw) logprob, the
     best; ``route_token_logprob``: the verifier's raw logprob of the route's token. Greedy requests
     (``temperature`` below :data:`GREEDY_EPS`) agree when the route's token is within ``tolerance``
-    nats of the best. A sampled request's token has probability at most ``exp(-gap / T)`` (top-k,
-    top-p and min-p only keep likelier tokens, which cannot lower that bound), so it agrees unless
-    ``(gap - tolerance) / T`` exceeds :data:`RARE`."""
+    nats of the best. A sampled request's token ``t`` had probability at most ``exp(-gap(t) / T)``
+    (top-k, top-p and min-p only keep likelier tokens, which cannot lower that bound); among
+    ``candidates`` tokens (the vocabulary, or top-k), those with ``(gap - tolerance) / T`` above
+    ``ln(candidates) + RARE`` carry at most ``exp(-RARE)`` of the mass together: such a token
+    disagrees, and an honest sampler produces one less than once in ``exp(RARE)`` audits."""
     if not math.isfinite(verifier_max) or math.isnan(route_token_logprob):
         raise ValueError(f"the verifier's logprobs are not numbers ({verifier_max}, {route_token_logprob})")
     gap = 0.0 if route_token == verifier_token else max(0.0, verifier_max - route_token_logprob)
     greedy = temperature < GREEDY_EPS
-    allowed = tolerance if greedy else tolerance + RARE * temperature
+    allowed = tolerance if greedy else tolerance + temperature * (math.log(max(candidates, 1)) + RARE)
     agree = gap <= allowed
     mode = "greedy" if greedy else f"sampled at T={temperature:g}"
     detail = (f"route token {route_token}, verifier's best {verifier_token}: {gap:.2f} nats apart "

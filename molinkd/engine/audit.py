@@ -48,6 +48,7 @@ class Capture:
     prompt: list[int]
     block_ids: tuple[list[int], ...]
     temperature: float
+    top_k: int  # 0: the whole vocabulary
     eos: int | None
     rows: dict[str, Any]  # name -> tensor (prompt tokens, hidden size)
 
@@ -90,6 +91,7 @@ class Auditor:
             sp = nr.sampling_params
             self._pending = Capture(step=step, req_id=nr.req_id, prompt=list(nr.prompt_token_ids),
                                     block_ids=tuple(list(g) for g in nr.block_ids), temperature=float(sp.temperature),
+                                    top_k=int(sp.top_k or 0) if (sp.top_k or 0) > 0 else 0,
                                     eos=getattr(sp, "_eos_token_id", None),
                                     rows={k: v[a:b].clone() for k, v in hidden.items()})
             return
@@ -157,8 +159,10 @@ class Auditor:
                 link.send(wire.CLOSE, {"session": session}, timeout=5.0)
             link.close()
         v_token, v_max, r_lp = lp
+        vocab = int(self.ex.limits.vocab_size)
+        top_k = job.capture.top_k
         verdict = judge(job.token, v_token, v_max, r_lp, temperature=job.capture.temperature,
-                        tolerance=self.tolerance)
+                        tolerance=self.tolerance, candidates=min(top_k, vocab) if top_k > 0 else vocab)
         outcome = "agree" if verdict.agree else "disagree"
         detail = f"{verdict.detail}; {len(job.capture.prompt)}-token prompt, {time.monotonic() - t0:.2f}s"
         answer = self._report(outcome, remote, verifiers, detail)

@@ -52,12 +52,18 @@ def test_greedy_verdicts_use_the_tolerance():
 
 
 def test_sampled_verdicts_only_refuse_tokens_an_honest_sampler_would_almost_never_draw():
-    # at T=1 a token 10 nats below the best is drawn about once in 20000: honest
-    assert judge(7, 9, -0.1, -10.1, temperature=1.0).agree
-    assert not judge(7, 9, -0.1, -0.1 - (DEFAULT_TOLERANCE + RARE + 0.5), temperature=1.0).agree
-    # a lower temperature makes far tokens rarer still: the allowance shrinks with it
-    assert not judge(7, 9, -0.1, -10.1, temperature=0.3).agree
-    assert judge(7, 9, -0.1, -10.1, temperature=2.0).agree
+    import math
+
+    vocab = 49152
+    edge = DEFAULT_TOLERANCE + math.log(vocab) + RARE  # ~26.6 nats at T=1
+    # 20 nats below the best: each such token is rare, but 49152 of them together are not
+    assert judge(7, 9, -0.1, -20.1, temperature=1.0, candidates=vocab).agree
+    assert not judge(7, 9, -0.1, -0.1 - edge - 0.5, temperature=1.0, candidates=vocab).agree
+    assert judge(7, 9, -0.1, -0.1 - edge + 0.5, temperature=1.0, candidates=vocab).agree
+    # top-k=5 leaves 5 candidates: the allowance shrinks; so does a lower temperature
+    assert not judge(7, 9, -0.1, -20.1, temperature=1.0, candidates=5).agree
+    assert not judge(7, 9, -0.1, -20.1, temperature=0.5, candidates=vocab).agree
+    assert judge(7, 9, -0.1, -20.1, temperature=2.0, candidates=vocab).agree
 
 
 def test_an_exact_blame_bans_at_the_quorum_of_distinct_verifier_routes():
