@@ -150,6 +150,7 @@ class Daemon:
         from molinkd.audit import AuditLedger
 
         self.audits = AuditLedger(quorum=cfg.audit_quorum)  # disagreements of this head's audits
+        self.last_audit: dict | None = None  # the engine's last audit report (for /status)
         self._stats_read = 0.0
         self.started = time.time()
         self.draining = False
@@ -354,7 +355,7 @@ class Daemon:
             "stages": stages,
             "pipeline": pipeline,
             "serving_head": self.serving_head,
-            "audits": dict(self.metrics.audit_counts(), pending=self.audits.pending()),
+            "audits": dict(self.metrics.audit_counts(), pending=self.audits.pending(), last=self.last_audit),
             "banned": {p: {"reason": why, "active": until > time.monotonic(),
                            "remaining_s": max(0.0, round(until - time.monotonic(), 1))}
                        for p, (until, why, _) in self.banned.items()},
@@ -661,6 +662,7 @@ def _on_audit(d: Daemon, report: dict) -> dict:
     (the answer's ``ban``) or sends the engine away from a set of suspects (``avoid``)."""
     outcome, blamed, verifiers = report["outcome"], report["blamed"], report["verifiers"]
     d.metrics.audited(outcome, blamed=blamed, verifiers=verifiers, detail=report["detail"])
+    d.last_audit = dict(report, time=round(time.time(), 3))
     if outcome != "disagree":
         return {"ban": [], "avoid": []}
     me = d.node.peer_id if d.node else None
