@@ -157,6 +157,12 @@ class AuditLedger:
         del self._suspects[key]
         return ("ban", key) if len(key) == 1 else ("avoid", key)
 
+    def witnesses(self, blamed: Sequence[str]) -> set[str]:
+        """Peers of the verifier routes that already disagreed about ``blamed`` (the next audit of
+        it should ask others: the same witness twice counts once)."""
+        s = self._suspects.get(tuple(sorted(set(blamed))))
+        return {p for w in (s.witnesses if s else ()) for p in w}
+
     def pending(self) -> dict[str, int]:
         """Suspects short of the quorum: ``{"peer[,peer...]": distinct verifier routes}``."""
         return {",".join(k): len(s.witnesses) for k, s in self._suspects.items()}

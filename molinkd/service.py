@@ -641,18 +641,24 @@ async def _run_head(d: Daemon) -> None:
 
 async def _plan_verifier_route(d: Daemon, exclude: list[str]) -> list[dict]:
     """Answer the head engine's ``p2p.verifiers`` (an audit): a probed route through none of
-    ``exclude`` (the route's remote stages) and no stage serving another head. Not the route in
-    use: nothing else changes."""
+    ``exclude`` (the route's remote stages) and no stage serving another head, preferably through
+    none of the verifiers that already disagreed about those stages (a quorum needs distinct
+    witnesses). Not the route in use: nothing else changes."""
     from molinkd.routing import NoRouteError
 
     if d.role != "head":
         raise RuntimeError(f"this peer is a {d.role}, not a head: it plans no routes")
+    witnesses = d.audits.witnesses(exclude)
     skipped: dict[str, float] = {}
     for _ in range(3):
         try:
-            return await _plan_probed_route(d, skipped, exclude=set(exclude))
+            return await _plan_probed_route(d, skipped, exclude=set(exclude) | witnesses)
         except _Replan:
             continue
+        except NoRouteError:
+            if not witnesses:
+                raise
+            witnesses = set()  # nobody else: the same witness again (it counts once)
     raise NoRouteError("the verifier stages found were busy or failed their probe")
 
 

@@ -70,7 +70,7 @@ def test_an_exact_blame_bans_at_the_quorum_of_distinct_verifier_routes():
     led = AuditLedger(quorum=2)
     assert led.record_disagreement(["liar"], ["v1"], now=0.0) is None
     assert led.record_disagreement(["liar"], ["v1"], now=1.0) is None  # the same witness again: still one
-    assert led.pending() == {"liar": 1}
+    assert led.pending() == {"liar": 1} and led.witnesses(["liar"]) == {"v1"}
     assert led.record_disagreement(["liar"], ["v2"], now=2.0) == ("ban", ("liar",))
     assert led.pending() == {}
     one = AuditLedger(quorum=1)
@@ -148,3 +148,29 @@ def test_the_auditor_keeps_one_requests_rows_and_audits_off_the_engine_thread(mo
         time.sleep(0.05)
     assert aud.counts == {"agree": 0, "disagree": 0, "skipped": 1}
     ex._stop.set()
+
+
+def test_the_daemon_counts_reports_and_bans_at_the_quorum():
+    from types import SimpleNamespace
+
+    from molinkd.metrics import Metrics
+    from molinkd.service import _on_audit
+
+    d = SimpleNamespace(metrics=Metrics(), audits=AuditLedger(quorum=2), node=SimpleNamespace(peer_id="me"),
+                        banned={}, cfg=SimpleNamespace(ban_seconds=30.0), last_audit=None)
+
+    def rep(outcome, blamed, verifiers):
+        return _on_audit(d, check_audit_report({"outcome": outcome, "blamed": blamed, "verifiers": verifiers,
+                                                "detail": "route token 1, verifier's best 2: 9.00 nats apart"}))
+
+    assert rep("agree", ["s"], ["v1"]) == {"ban": [], "avoid": []}
+    assert rep("skipped", ["s"], []) == {"ban": [], "avoid": []}
+    assert rep("disagree", ["s"], ["v1"]) == {"ban": [], "avoid": []} and "s" not in d.banned
+    assert rep("disagree", ["s"], ["v2"]) == {"ban": ["s"], "avoid": []}
+    assert "returned wrong values" in d.banned["s"][1] and "9.00 nats" in d.banned["s"][1]
+    assert rep("disagree", ["a", "b"], ["x"]) == {"ban": [], "avoid": []}
+    assert rep("disagree", ["a", "b"], ["y"]) == {"ban": [], "avoid": ["a", "b"]}
+    assert "error" in rep("disagree", ["me"], ["v1"])  # an engine cannot get its own head banned
+    assert d.metrics.audit_counts() == {"agree": 1, "disagree": 5, "skipped": 1}
+    assert d.last_audit["outcome"] == "disagree"
+    assert 'molink_audits_total{outcome="disagree"} 5.0' in d.metrics.render().decode()
