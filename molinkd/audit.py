@@ -31,6 +31,12 @@ seen). What it does not catch:
   while every such peer serves another head (an audit never disturbs another head's stages);
 - collusion: a verifier that lies the same way as the stage it checks.
 
+Cost: on the head's step path, a check per new request and, for the one kept, a copy of its rows
+(about 10 us per prefill step of 16 requests); the rest runs in a thread. On the verifier, one prefill
+of one prompt. An audited request's prompt is also seen by the verifier peers, as by any stage of a
+route. A verifier serves the audit's session for a moment: another head that tries to open a session
+on it just then is refused as by any busy stage, and routes around it.
+
 Blame: with one remote stage on the route, a disagreement names it exactly; with several, the
 verifier route replaced all of them and the blame is the set: no ban, the head moves away from
 all of them (``avoid``) and later audits of other routes narrow it down. One lying verifier could

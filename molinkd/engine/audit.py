@@ -37,6 +37,7 @@ log = logging.getLogger("molinkd.engine.audit")
 RESULT_TIMEOUT = 60.0  # one prefill of one prompt on the verifier route (a loaded CPU: generous)
 DIAL_TIMEOUT = 10.0
 ROUTE_TIMEOUT = 30.0
+STALE_STEPS = 1024  # a kept request whose step got no result this many steps later is dropped
 
 
 @dataclasses.dataclass
@@ -78,6 +79,8 @@ class Auditor:
 
     def consider(self, step: int, so: Any, order: list[str], hidden: dict[str, Any] | None) -> None:
         """Engine thread, after the head's worker ran ``so`` (``order``: its batch after it)."""
+        if self._pending is not None and step - self._pending.step > STALE_STEPS:
+            self._pending = None  # its result never came (the pipeline was rebuilt without it)
         if self._pending is not None or self._busy.is_set() or hidden is None or not so.scheduled_new_reqs:
             return
         nst = so.num_scheduled_tokens
