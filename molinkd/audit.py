@@ -7,8 +7,10 @@ position 0 in one chunk, the rows of the hidden states its own layers computed f
 input), its prompt and block ids, and then the token the route sampled for it (its first output
 token). Off the hot path it asks its daemon for a *verifier route*: other peers serving the remote
 layers, none of the route's remote peers, none serving another head. It opens an ordinary session on
-it (same wire, same admission: verifiers cannot tell an audit from a short real session), sends one
-step (that request alone, greedy, asking the logprob of the route's token) and closes the session.
+it (same wire, same admission), sends one step (that request alone, greedy, asking the logprob of the
+route's token) and closes the session. A verifier may guess that a one-step session asking one
+token's logprob is an audit; that does not help the stage being audited, which never sees the audit
+and cannot know which of its requests will be checked.
 :func:`judge` compares; a disagreement blames the route's remote stages the verifier route replaced.
 
 What an audit catches: a stage that returns wrong values (corrupt hidden states, or a last stage
