@@ -109,6 +109,13 @@ def _fraction(v: str) -> float:
     return x
 
 
+def _fraction01(v: str) -> float:
+    x = _nonneg_float(v)
+    if x > 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: must be in [0, 1]")
+    return x
+
+
 def _existing_file(v: str) -> Path:
     p = Path(v).expanduser()
     if not p.is_file():
@@ -181,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--failover-wait", type=_nonneg_float, default=30.0, metavar="S",
                    help="a head whose route loses a stage looks S seconds for a new one inside its running "
                         "engine (requests wait) before restarting the engine; 0: restart at once (default 30)")
+    g.add_argument("--audit-rate", type=_fraction01, default=0.05, metavar="F",
+                   help="a head recomputes the first step of this fraction of its new requests on other peers "
+                        "serving the same layers and bans a stage that returned wrong values; 0 disables "
+                        "(default 0.05)")
+    g.add_argument("--audit-tolerance", type=_nonneg_float, default=2.0, metavar="NATS",
+                   help="how far (log-probability) the route's token may be from the verifier's best before an "
+                        "audit disagrees; other CPUs round bf16 differently (default 2.0)")
+    g.add_argument("--audit-quorum", type=_pos_int, default=2, metavar="N",
+                   help="disagreements from N distinct verifier routes before a stage is banned, so one lying "
+                        "verifier cannot frame an honest stage (default 2)")
     g.add_argument("--drain-timeout", type=_nonneg_float, default=30.0, metavar="S",
                    help="on SIGTERM: leave the swarm, then wait up to S seconds for in-flight requests "
                         "(and a stage's head) to finish before exiting (default 30)")
@@ -336,6 +353,9 @@ def parse_join(argv: list[str]) -> tuple[DaemonConfig, argparse.Namespace]:
         gpu_memory_utilization=args.gpu_memory_utilization,
         seed=args.seed,
         failover_wait=args.failover_wait,
+        audit_rate=args.audit_rate,
+        audit_tolerance=args.audit_tolerance,
+        audit_quorum=args.audit_quorum,
         log_level=args.log_level,
         log_json=args.log_json,
         announce_period=args.announce_period,
@@ -366,6 +386,7 @@ def effective_toml(cfg: DaemonConfig) -> str:
         ("dtype", cfg.dtype), ("max-model-len", cfg.max_model_len), ("max-num-seqs", cfg.max_num_seqs),
         ("max-num-batched-tokens", cfg.max_num_batched_tokens), ("kv-cache-gib", cfg.kv_cache_gib),
         ("gpu-memory-utilization", cfg.gpu_memory_utilization), ("seed", cfg.seed),
+        ("audit-rate", cfg.audit_rate), ("audit-tolerance", cfg.audit_tolerance), ("audit-quorum", cfg.audit_quorum),
         ("engine-metrics", cfg.engine_metrics), ("log-level", cfg.log_level), ("log-json", cfg.log_json),
     ]
     notes = {"api-key": "set, not shown" if cfg.api_key else "not set",

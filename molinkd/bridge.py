@@ -31,6 +31,9 @@ from molinkd.engine.link import P2P_FROM as FROM
 from molinkd.engine.link import P2P_ROUTE as ROUTE
 from molinkd.engine.link import P2P_ROUTE_ERR as ROUTE_ERR
 from molinkd.engine.link import P2P_ROUTE_OK as ROUTE_OK
+from molinkd.engine.link import P2P_AUDIT as AUDIT
+from molinkd.engine.link import P2P_AUDIT_OK as AUDIT_OK
+from molinkd.engine.link import P2P_VERIFIERS as VERIFIERS
 from molinkd.engine.link import STAGE_PROTOCOL
 from molinkd.engine.wire import HELLO, OPEN
 from molinkd.limits import CONTROL_MSG
@@ -92,6 +95,8 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
                             may_dial: Callable[[str, int, int], str | None],
                             plan_route: Callable[[list[str], list[str]], Awaitable[list[dict]]] | None = None,
                             pipes: set[trio.CancelScope] | None = None,
+                            plan_verifiers: Callable[[list[str]], Awaitable[list[dict]]] | None = None,
+                            on_audit: Callable[[dict], dict] | None = None,
                             task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on Unix socket ``path`` for engine processes that want a libp2p stream.
 
@@ -103,7 +108,11 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
     A head's engine may instead ask for a new route (``p2p.route {"exclude", "avoid"}``, see
     :mod:`molinkd.engine.link`): ``plan_route(exclude, avoid)`` returns it or raises with the
     reason (answered as ``p2p.route_err``). Each open pipe's cancel scope is in ``pipes`` while it
-    runs: cancelling them cuts the engine's streams (it then sees its pipeline broken)."""
+    runs: cancelling them cuts the engine's streams (it then sees its pipeline broken).
+
+    Audits (:mod:`molinkd.engine.audit`): ``p2p.verifiers {"exclude"}`` is answered like a route
+    request with ``plan_verifiers(exclude)``; ``p2p.audit {...}`` with ``p2p.audit_ok
+    on_audit(body)`` (the body checked by :func:`check_audit_report` first)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -127,6 +136,18 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
             frame = await local.recv(timeout=10)
             if frame.type == ROUTE and plan_route is not None:
                 await _answer_route(local, raw, frame.body)
+                return
+            if frame.type == VERIFIERS and plan_verifiers is not None:
+                await _answer_verifiers(local, raw, frame.body)
+                return
+            if frame.type == AUDIT and on_audit is not None:
+                try:
+                    answer = on_audit(check_audit_report(frame.body))
+                except ValueError as e:
+                    answer = {"ban": [], "avoid": [], "error": str(e)[:300]}
+                with contextlib.suppress(Exception):
+                    await local.send(AUDIT_OK, answer)
+                await raw.close()
                 return
             if frame.type != DIAL:
                 raise FrameError(f"expected {DIAL}, got {frame.type}")
@@ -187,9 +208,41 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
                 await local.send(ROUTE_OK, {"route": route})
         await raw.close()
 
+    async def _answer_verifiers(local: FramedStream, raw: _TrioRaw, body: Any) -> None:
+        try:
+            exclude = (body or {}).get("exclude", []) if isinstance(body, dict) else None
+            if not (isinstance(exclude, list) and len(exclude) <= 64 and all(isinstance(p, str) for p in exclude)):
+                raise ValueError("exclude must be a list of peer ids")
+            route = await plan_verifiers(exclude)  # type: ignore[misc]
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await local.send(ROUTE_ERR, {"message": str(e)[:1000]})
+        else:
+            with contextlib.suppress(Exception):
+                await local.send(ROUTE_OK, {"route": route})
+        await raw.close()
+
     async with listener:
         task_status.started(path)
         await trio.serve_listeners(handle, [listener])
+
+
+AUDIT_OUTCOMES = ("agree", "disagree", "skipped")
+
+
+def check_audit_report(body: Any) -> dict:
+    """A ``p2p.audit`` body from a local engine: outcome, peer-id lists, a bounded detail string."""
+    if not isinstance(body, dict) or body.get("outcome") not in AUDIT_OUTCOMES:
+        raise ValueError(f"an audit report needs an outcome in {AUDIT_OUTCOMES}")
+    for k in ("blamed", "verifiers"):
+        v = body.get(k)
+        if not (isinstance(v, list) and len(v) <= 64 and all(isinstance(p, str) and 0 < len(p) <= 128 for p in v)):
+            raise ValueError(f"an audit report's {k} must be a list of peer ids")
+    if body["outcome"] == "disagree" and not (body["blamed"] and body["verifiers"]):
+        raise ValueError("a disagreement names the blamed stages and the verifier route")
+    detail = body.get("detail")
+    return {"outcome": body["outcome"], "blamed": list(body["blamed"]), "verifiers": list(body["verifiers"]),
+            "detail": detail[:500] if isinstance(detail, str) else ""}
 
 
 def _is_int(v: Any) -> bool:

@@ -40,6 +40,11 @@ class DaemonConfig:
     gpu_memory_utilization: float | None = None
     seed: int = 0
     failover_wait: float = 30.0  # a head's engine looks this long for a new tail before restarting
+    # a head's spot checks of its stages (molinkd.audit): fraction of auditable new requests,
+    # nats of tolerance, distinct verifier routes that must disagree before a ban
+    audit_rate: float = 0.05
+    audit_tolerance: float = 2.0
+    audit_quorum: int = 2
     # behaviour
     announce_period: float = 2.0  # peers expire after 3 periods of silence
     ban_seconds: float = 30.0  # first exclusion of a faulty peer from routes (doubles on repeats)

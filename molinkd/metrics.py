@@ -87,6 +87,10 @@ class Metrics:
         self.peer_joins = Counter("molink_peer_joins", "Peers that appeared in the peer table", registry=r)
         self.peer_leaves = Counter("molink_peer_leaves", "Peers that left the table (goodbye or expiry)",
                                    ["reason"], registry=r)
+        self.audits = Counter("molink_audits", "Spot checks of this head's remote stages, by outcome "
+                              "(agree, disagree, skipped: no verifier route or it failed)", ["outcome"], registry=r)
+        for outcome in ("agree", "disagree", "skipped"):
+            self.audits.labels(outcome=outcome)
 
     # -- exposition ------------------------------------------------------------------------
 
@@ -134,6 +138,24 @@ class Metrics:
     def banned(self, peer: str, seconds: float, reason: str) -> None:
         self.bans.inc()
         self._event(logging.WARNING, "peer banned from routes", peer=peer, seconds=seconds, reason=reason)
+
+    def audited(self, outcome: str, *, blamed: list[str], verifiers: list[str], detail: str) -> None:
+        """Count an audit; a disagreement is an event line (agreements and skips log at debug)."""
+        self.audits.labels(outcome=outcome).inc()
+        if outcome == "disagree":
+            self._event(logging.WARNING, "audit disagreed: a stage returned wrong values", blamed=",".join(blamed),
+                        verifiers=",".join(verifiers), detail=detail)
+        else:
+            log.debug("audit %s", outcome, extra=logs.kv(blamed=",".join(blamed), verifiers=",".join(verifiers),
+                                                         detail=detail))
+
+    def audit_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.audits.collect():
+            for s in m.samples:
+                if s.name.endswith("_total"):
+                    out[s.labels["outcome"]] = int(s.value)
+        return out
 
     def request_resumed(self, endpoint: str, request_id: str, error: str, generated: int, attempt: int) -> None:
         self.resumed.inc()

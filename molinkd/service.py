@@ -53,6 +53,9 @@ ENGINE_REPLAN_QUIET = 5.0
 # the engine has not asked for a route this long after, it is restarted instead
 ENGINE_CUT_GRACE = 5.0
 ENGINE_RESTART_BACKOFF = (2.0, 30.0)
+# the module a stage peer runs its layers in (``python -m STAGE_MODULE``); a hook for instrumented
+# stages in tests (tests/integration/lying_daemon.py sets it in its own process), nothing else
+STAGE_MODULE = "molinkd.engine.stage"
 
 
 class _Backoff:
@@ -144,6 +147,10 @@ class Daemon:
         self.rtts: dict[str, float] = {}
         self.banned: dict[str, tuple[float, str, float]] = {}  # peer -> (until, reason, ban length)
         self._measured: dict[str, Any] = {}  # peer -> trust.Measured, kept across routes
+        from molinkd.audit import AuditLedger
+
+        self.audits = AuditLedger(quorum=cfg.audit_quorum)  # disagreements of this head's audits
+        self.last_audit: dict | None = None  # the engine's last audit report (for /status)
         self._stats_read = 0.0
         self.started = time.time()
         self.draining = False
@@ -348,6 +355,7 @@ class Daemon:
             "stages": stages,
             "pipeline": pipeline,
             "serving_head": self.serving_head,
+            "audits": dict(self.metrics.audit_counts(), pending=self.audits.pending(), last=self.last_audit),
             "banned": {p: {"reason": why, "active": until > time.monotonic(),
                            "remaining_s": max(0.0, round(until - time.monotonic(), 1))}
                        for p, (until, why, _) in self.banned.items()},
@@ -515,9 +523,11 @@ def _uncovered(d: Daemon, banned: set[str]) -> str:
     return ", ".join(f"{max(a, d.span[1])}:{b}" for a, b in holes) or "none (spans do not chain)"
 
 
-async def _plan_probed_route(d: Daemon, skipped: dict[str, float], avoid: set[str] = frozenset()) -> list[dict]:
-    """A route for this head through stages that answer a probe (head first, ``p2p:`` addresses).
-    Raises NoRouteError naming the layers nobody serves, or _Replan after probing."""
+async def _plan_probed_route(d: Daemon, skipped: dict[str, float], avoid: set[str] = frozenset(),
+                             exclude: set[str] = frozenset()) -> list[dict]:
+    """A route for this head through stages that answer a probe (head first, ``p2p:`` addresses),
+    never through ``exclude``. Raises NoRouteError naming the layers nobody serves, or _Replan after
+    probing."""
     from molinkd.routing import NoRouteError, PeerRecord as RoutePeer, plan_route, route_to_dicts
 
     me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
@@ -525,6 +535,7 @@ async def _plan_probed_route(d: Daemon, skipped: dict[str, float], avoid: set[st
     now = time.monotonic()
     banned = {p for p, (until, _, _) in d.banned.items() if until > now}
     banned |= {p for p, until in skipped.items() if until > now}
+    banned |= set(exclude)
     try:
         route = plan_route(me, _stage_records(d, avoid), d.model.num_layers, rtts=d.rtts, banned=banned)
     except NoRouteError as e:
@@ -557,8 +568,10 @@ async def _replan_for_engine(d: Daemon, exclude: list[str], avoid: list[str]) ->
     if d.role != "head":
         raise RuntimeError(f"this peer is a {d.role}, not a head: it plans no routes")
     d.engine_replanning_at = time.monotonic()
+    now = time.monotonic()
     for peer in exclude:
-        if peer != d.node.peer_id:
+        # a peer already banned (an audit caught it, say) keeps its ban and the reason for it
+        if peer != d.node.peer_id and not (peer in d.banned and d.banned[peer][0] > now):
             _ban(d, peer, "failed in the pipeline (reported by the head's engine)")
     skipped: dict[str, float] = {}
     for _ in range(5):
@@ -603,7 +616,8 @@ async def _run_head(d: Daemon) -> None:
             _say(f"warning: --pipeline-parallel-size {pps} but the route has {len(hops)} stages; using the route")
         _use_route(d, hops)
         kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path,
-                                        failover_wait=d.cfg.failover_wait)
+                                        failover_wait=d.cfg.failover_wait, audit_rate=d.cfg.audit_rate,
+                                        audit_tolerance=d.cfg.audit_tolerance)
         extra_env = (("MOLINK_P2P_DIAL", d.dial_path),)
         started = time.monotonic()
         with contextlib.suppress(FileNotFoundError):
@@ -623,6 +637,55 @@ async def _run_head(d: Daemon) -> None:
         backoff.reset_if_healthy(time.monotonic() - started)
         await backoff.sleep()
         announced_wait = False
+
+
+async def _plan_verifier_route(d: Daemon, exclude: list[str]) -> list[dict]:
+    """Answer the head engine's ``p2p.verifiers`` (an audit): a probed route through none of
+    ``exclude`` (the route's remote stages) and no stage serving another head, preferably through
+    none of the verifiers that already disagreed about those stages (a quorum needs distinct
+    witnesses). Not the route in use: nothing else changes."""
+    from molinkd.routing import NoRouteError
+
+    if d.role != "head":
+        raise RuntimeError(f"this peer is a {d.role}, not a head: it plans no routes")
+    witnesses = d.audits.witnesses(exclude)
+    skipped: dict[str, float] = {}
+    for _ in range(3):
+        try:
+            return await _plan_probed_route(d, skipped, exclude=set(exclude) | witnesses)
+        except _Replan:
+            continue
+        except NoRouteError:
+            if not witnesses:
+                raise
+            witnesses = set()  # nobody else: the same witness again (it counts once)
+    raise NoRouteError("the verifier stages found were busy or failed their probe")
+
+
+def _on_audit(d: Daemon, report: dict) -> dict:
+    """An audit's outcome from the head's engine (checked by ``bridge.check_audit_report``): count
+    it; a disagreement goes to the ledger, which says when the quorum bans an exactly blamed stage
+    (the answer's ``ban``) or sends the engine away from a set of suspects (``avoid``)."""
+    outcome, blamed, verifiers = report["outcome"], report["blamed"], report["verifiers"]
+    d.metrics.audited(outcome, blamed=blamed, verifiers=verifiers, detail=report["detail"])
+    d.last_audit = dict(report, time=round(time.time(), 3))
+    if outcome != "disagree":
+        return {"ban": [], "avoid": []}
+    me = d.node.peer_id if d.node else None
+    if me in blamed or me in verifiers:
+        return {"ban": [], "avoid": [], "error": "an audit cannot blame or use this head"}
+    try:
+        decision = d.audits.record_disagreement(blamed, verifiers)
+    except ValueError as e:
+        return {"ban": [], "avoid": [], "error": str(e)}
+    if decision is None:
+        return {"ban": [], "avoid": []}
+    what, peers = decision
+    if what == "ban":
+        _ban(d, peers[0], f"returned wrong values (audit by {', '.join(p[:12] for p in verifiers)}: "
+                          f"{report['detail'][:300]})")
+        return {"ban": list(peers), "avoid": []}
+    return {"ban": [], "avoid": list(peers)}
 
 
 def _read_failure(d: Daemon) -> dict:
@@ -713,7 +776,7 @@ async def _run_stage(d: Daemon) -> None:
         ready = d.runtime_dir / "stage.ready"
         with contextlib.suppress(FileNotFoundError):
             ready.unlink()
-        cmd = [sys.executable, "-m", "molinkd.engine.stage", "--model", d.model.path,
+        cmd = [sys.executable, "-m", STAGE_MODULE, "--model", d.model.path,
                "--layers", f"{d.span[0]}:{d.span[1]}", "--listen", f"unix:{sock}", "--ready-file", str(ready),
                "--model-hash", d.model.model_hash, "--peer-id", d.node.peer_id,
                "--dtype", d.cfg.dtype if d.cfg.dtype != "auto" else "bfloat16",
@@ -861,6 +924,7 @@ async def _serve(cfg: DaemonConfig, model: ModelInfo, runtime_dir: Path, stop: t
         await nursery.start(lambda task_status: serve_dial_socket(
             node, d.dial_path, allowed_protocols={STAGE_PROTOCOL}, may_dial=d.may_dial,
             plan_route=lambda exclude, avoid: _replan_for_engine(d, exclude, avoid), pipes=d.engine_pipes,
+            plan_verifiers=lambda exclude: _plan_verifier_route(d, exclude), on_audit=lambda b: _on_audit(d, b),
             task_status=task_status))
         nursery.start_soon(_rtt_loop, d)
         nursery.start_soon(metrics.watch_peers, d, d.metrics)

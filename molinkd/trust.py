@@ -7,8 +7,8 @@ announcement is far above what the head measured is a liar: it is banned from th
 and its records are ignored for that time.
 
 What this catches: a peer that announces more speed than it has (the cheap way to attract traffic).
-What it does not: a peer that computes wrong hidden states at an honest speed (only recomputing its
-steps elsewhere can show that), and a peer that lies in its own per-step timings only (the head's
+What it does not: a peer that computes wrong hidden states at an honest speed (audits recompute some
+of its steps elsewhere: :mod:`molinkd.audit`), and a peer that lies in its own per-step timings only (the head's
 round trip bounds those: a stage can claim less compute than it took, not less than the round trip).
 """
 

@@ -89,6 +89,8 @@ def pipeline_engine_kwargs(
     stats_path: str = "",
     depth: int | None = None,
     failover_wait: float = 30.0,
+    audit_rate: float = 0.0,
+    audit_tolerance: float = 2.0,
 ) -> dict:
     """Extra ``EngineArgs``/``LLM`` keyword arguments that make the engine a pipeline head.
 
@@ -97,8 +99,10 @@ def pipeline_engine_kwargs(
     max_model_len, max_num_seqs, enforce_eager=True ...). ``depth``: micro-batches in flight (at
     least 2; default :func:`default_depth`). ``failover_wait``: how long in-engine failover
     (:mod:`molinkd.engine.failover`; routes of ``p2p:`` peers under a daemon) looks for a new tail
-    before the pipeline fails; 0 disables it. Environment for the EngineCore process (e.g.
-    ``VLLM_CPU_KVCACHE_SPACE``) is the caller's business.
+    before the pipeline fails; 0 disables it. ``audit_rate``: fraction of the auditable new requests
+    whose first step is recomputed on a verifier route (:mod:`molinkd.engine.audit`; 0 disables it,
+    it needs a daemon), ``audit_tolerance``: nats (see :func:`molinkd.audit.judge`). Environment
+    for the EngineCore process (e.g. ``VLLM_CPU_KVCACHE_SPACE``) is the caller's business.
     """
     if len(route) < 2:
         raise ValueError("a pipeline route needs at least 2 stages; serve single-node otherwise")
@@ -123,6 +127,8 @@ def pipeline_engine_kwargs(
         "keepalive": keepalive,
         "stats_path": stats_path,
         "failover_wait": failover_wait,
+        "audit_rate": float(audit_rate),
+        "audit_tolerance": float(audit_tolerance),
     }
     return {
         "distributed_executor_backend": PipelineExecutor,
@@ -237,6 +243,7 @@ class PipelineExecutor(Executor):
         # step -> (future, its scheduler output: the result is checked against it)
         self._futures: dict[int, tuple[Future, Any]] = {}
         self.limits: Any = None  # SessionLimits once the session is open
+        self.auditor: Any = None  # molinkd.engine.audit.Auditor once the session is open (rate > 0)
         self._route_peers = frozenset(h["peer"] for h in self.route)
         self._lock = threading.Lock()
         self._control: queue.Queue = queue.Queue()
@@ -350,6 +357,11 @@ class PipelineExecutor(Executor):
         # in-engine failover needs the daemon (routes, dials): not for routes of plain addresses
         if os.environ.get("MOLINK_P2P_DIAL") and all(h["addr"].startswith("p2p:") for h in self.route[1:]):
             self.failover_wait = float(self.cfg.get("failover_wait", 30.0))
+            rate = float(self.cfg.get("audit_rate") or 0.0)
+            if rate > 0:
+                from molinkd.engine.audit import Auditor
+
+                self.auditor = Auditor(self, rate=rate, tolerance=float(self.cfg.get("audit_tolerance", 2.0)))
 
     # --- worker calls ----------------------------------------------------------------------
 
@@ -409,6 +421,8 @@ class PipelineExecutor(Executor):
             hidden = self.worker.mailbox.take_outbox()
             order = self._note_head_state(scheduler_output)
         self.step_stats.record(self.route[0]["peer"], (time.perf_counter() - t0) * 1000)
+        if self.auditor is not None:
+            self.auditor.consider(step, scheduler_output, order, hidden)
         wire_hidden = None if hidden is None else {k: to_wire(v) for k, v in hidden.items()}
         if scheduler_output.total_num_scheduled_tokens == 0:
             body = {"step": step, "sched": sched, "grammar": None, "hidden": None, "sample": False}
@@ -643,6 +657,8 @@ class PipelineExecutor(Executor):
                 except Exception as e:  # the mirror lost track: no failover possible any more
                     log.error("request mirror failed at step %s: %s", step, e)
                     self.failover_wait = 0.0
+                if self.auditor is not None:
+                    self.auditor.on_result(step, out)
                 entry[0].set_result(out)
             elif f.type == wire.ERROR:
                 msg = f"stage {f.get('stage')} failed at step {f.get('step')}: {f.get('message')}"

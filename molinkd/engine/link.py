@@ -24,6 +24,12 @@ P2P_FROM = "p2p.from"
 # [peer ids to use only if nothing else covers their layers]} -> p2p.route_ok {"route": [hops]} or
 # p2p.route_err {"message"} (the daemon keeps the route it gave as the one in use)
 P2P_ROUTE, P2P_ROUTE_OK, P2P_ROUTE_ERR = "p2p.route", "p2p.route_ok", "p2p.route_err"
+# audits (molinkd.engine.audit): a head's engine asks its daemon for a verifier route,
+# {"exclude": [the route's remote peers]} -> p2p.route_ok / p2p.route_err as above (not taken as the
+# route in use), and reports each audit, {"outcome", "blamed", "verifiers", "detail"} ->
+# p2p.audit_ok {"ban": [peer ids], "avoid": [peer ids]} (whom the engine must fail over away from)
+P2P_VERIFIERS = "p2p.verifiers"
+P2P_AUDIT, P2P_AUDIT_OK = "p2p.audit", "p2p.audit_ok"
 STAGE_PROTOCOL = "/molink/stage/1"
 
 

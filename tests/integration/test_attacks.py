@@ -1,7 +1,9 @@
 """A hostile peer against a real stage, while an honest head keeps serving through another stage.
 
-The swarm: an honest head (0:15) routing through stage A (15:30, which lies about its speed), and a victim stage V (10:20) that
-no honest route uses. The attacker is two libp2p identities in this test process (they cost nothing
+The swarm: an honest head (0:15, auditing every request it can) routing through stage A (15:30,
+which lies about its speed, and returns wrong values once a test switches that lie on), an honest
+verifier W (15:30, announcing a modest speed so that routes start through A), and a victim stage
+V (10:20) that no honest route uses. The attacker is two libp2p identities in this test process (they cost nothing
 to make): ``evil`` opens sessions on V, ``accomplice`` announces layers 20:30 and plays V's next hop,
 so V can be driven through whole sessions and we can see what it forwards. Every attack must be
 refused or contained; V must stay healthy; the head's requests must all succeed meanwhile.
@@ -37,19 +39,28 @@ VOCAB = 49152
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attacks")
+    lie = tmp / "stageA-lies"  # while this file exists, stage A returns wrong values
     # stage A computes honestly but announces 1e6 tokens/s: the head must measure it and ban it
-    a = Daemon(["--layers", "15:30"], tmp, name="stageA", module="tests.integration.lying_daemon")
+    a = Daemon(["--layers", "15:30"], tmp, name="stageA", module="tests.integration.lying_daemon",
+               env={"MOLINK_TEST_LIE_FILE": str(lie)})
     daemons = [a]
     try:
         boot = boot_addr(a)
         v = Daemon(["--layers", "10:20", "--bootstrap", boot, "--max-num-seqs", "8"], tmp, name="victim")
-        h = Daemon(["--layers", "0:15", "--bootstrap", boot], tmp, name="head")
-        daemons += [v, h]
+        # an honest verifier for A's layers; it announces 1 token/s, so the head routes through A first
+        w = Daemon(["--layers", "15:30", "--bootstrap", boot], tmp, name="verifier", module="tests.integration.lying_daemon",
+                   env={"MOLINK_TEST_ANNOUNCE": "1"})
+        h = Daemon(["--layers", "0:15", "--bootstrap", boot, "--audit-rate", "1", "--audit-quorum", "1"], tmp,
+                   name="head")
+        daemons += [v, w, h]
         for d in daemons:
             d.wait_ready(timeout=400)
+        aid = a.status()["peer_id"]
         wait_for(lambda: h.status()["route"], 120, "the head's route")
-        yield {"head": h, "stage": a, "victim": v, "boot": boot, "hash": h.status()["model"]["hash"],
-               "vid": v.status()["peer_id"], "vaddr": boot_addr(v), "hid": h.status()["peer_id"], "aid": a.status()["peer_id"]}
+        assert h.status()["route"][1] == aid, "the head should start routing through stage A"
+        yield {"head": h, "stage": a, "victim": v, "verifier": w, "boot": boot, "hash": h.status()["model"]["hash"],
+               "vid": v.status()["peer_id"], "vaddr": boot_addr(v), "hid": h.status()["peer_id"], "aid": aid,
+               "wid": w.status()["peer_id"], "lie": lie}
     finally:
         for d in reversed(daemons):
             d.stop()
@@ -392,6 +403,58 @@ def test_a_stage_that_lies_about_its_speed_is_banned(swarm, honest_load):
     wait_for(lambda: len(honest_load) >= 4, 180, "steps through the lying stage")
     ban = wait_for(banned, 60, "the head to ban the lying stage")
     assert "lied about its speed" in ban["reason"] and "measured" in ban["reason"], ban
+
+
+def _audits(swarm) -> dict:
+    return swarm["head"].status()["audits"]
+
+
+def _greedy(swarm, i: int) -> bool:
+    r = httpx.post(swarm["head"].url + "/v1/completions", timeout=120,
+                   json={"prompt": f"Audit me, number {i}:", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_audits_of_an_honest_stage_agree(swarm, honest_load):
+    """Every request the head can audit is recomputed on the verifier W; stage A computes honestly
+    here, so every audit agrees and nothing is banned for wrong values."""
+    for i in range(3):
+        assert _greedy(swarm, i)
+    got = wait_for(lambda: (a := _audits(swarm))["agree"] >= 3 and a, 120, "three audits")
+    assert got["disagree"] == 0, got
+    ban = swarm["head"].status()["banned"].get(swarm["aid"])
+    assert ban is None or "wrong values" not in ban["reason"], ban
+    assert swarm["head"].status()["route"][1] == swarm["aid"]
+
+
+def test_a_stage_returning_wrong_values_is_caught_banned_and_routed_around(swarm, honest_load):
+    """Stage A starts returning wrong values (it negates the hidden states it gets) at an honest
+    speed: the next audit disagrees, the head bans A with the reason, counts the disagreement, fails
+    over to W, and requests keep being answered through W (destructive: A is banned from here on)."""
+    head = swarm["head"]
+    swarm["lie"].touch()
+    try:
+        i = 100
+        def caught():
+            nonlocal i
+            i += 1
+            _greedy(swarm, i)
+            ban = head.status()["banned"].get(swarm["aid"])
+            return ban if ban and "wrong values" in ban["reason"] else None
+        ban = wait_for(caught, 180, "the head to ban the stage returning wrong values", step=0.5)
+        assert ban["active"] and "audit" in ban["reason"] and "nats apart" in ban["reason"], ban
+        metrics = httpx.get(head.url + "/metrics", timeout=10).text
+        assert 'molink_audits_total{outcome="disagree"}' in metrics
+        assert _audits(swarm)["disagree"] >= 1
+        wait_for(lambda: head.status()["route"] == [swarm["hid"], swarm["wid"]], 120, "a route through the verifier")
+        served = len(honest_load)
+        for j in range(3):
+            assert _greedy(swarm, 200 + j)
+        wait_for(lambda: len(honest_load) >= served + 2, 120, "more honest requests")
+        assert all(r is True for r in honest_load[served:]), honest_load[served:]
+        assert "returned wrong values" in head.log_tail(400)
+    finally:
+        swarm["lie"].unlink(missing_ok=True)
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(swarm, honest_load):
