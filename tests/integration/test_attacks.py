@@ -28,6 +28,7 @@ from p2p.framing import HEADER
 from p2p.host import NodeConfig, open_node
 from p2p.tensors import to_wire
 from tests.helpers import Daemon, boot_addr, wait_for
+from tests.integration.conftest import MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.slow
 
@@ -222,6 +223,18 @@ def prefill(req: str = "r1", tokens: list[int] | None = None, blocks: list[int] 
 
 
 # ------------------------------------------------------------------------------------ attacks
+
+
+def test_a_bf16_route_answers_like_plain_vllm_one_request_at_a_time(swarm, plain_vllm_outputs):
+    """Before any load or attack: the head [0,15) + stage A [15,30), in bf16, answers every prompt
+    exactly like plain single-node vLLM on this machine, one request at a time (bf16 greedy output
+    depends on batch composition, so one at a time is where equality holds)."""
+    for prompt, expected in zip(PROMPTS, plain_vllm_outputs):
+        r = httpx.post(swarm["head"].url + "/generate", timeout=300,
+                       json={"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["text"][0] == prompt + expected
+    assert swarm["head"].status()["route"][1] == swarm["aid"]
 
 
 async def test_a_peer_that_is_not_the_previous_hop_cannot_open_a_session(swarm, honest_load):
