@@ -193,13 +193,18 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
                 with trio.CancelScope(shield=True), trio.move_on_after(5), contextlib.suppress(Exception):
                     await s.close()
 
-    async def _answer_route(local: FramedStream, raw: _TrioRaw, body: Any) -> None:
+    def _peer_lists(body: Any, *keys: str) -> list[list[str]]:
+        """The peer-id lists ``keys`` of a planner request (bounded; missing ones are empty)."""
+        body = body if isinstance(body, dict) else {}
+        lists = [body.get(k, []) for k in keys]
+        if not all(isinstance(x, list) and len(x) <= 64 and all(isinstance(p, str) for p in x) for x in lists):
+            raise ValueError(f"{'/'.join(keys)} must be lists of peer ids")
+        return lists
+
+    async def _answer_planner(local: FramedStream, raw: _TrioRaw, plan: Any) -> None:
+        """Answer a route request with ``await plan()``: the route, or why there is none."""
         try:
-            exclude, avoid = (body or {}).get("exclude", []), (body or {}).get("avoid", [])
-            if not all(isinstance(x, list) and len(x) <= 64 and all(isinstance(p, str) for p in x)
-                       for x in (exclude, avoid)):
-                raise ValueError("exclude/avoid must be lists of peer ids")
-            route = await plan_route(exclude, avoid)  # type: ignore[misc]
+            route = await plan()
         except Exception as e:
             with contextlib.suppress(Exception):
                 await local.send(ROUTE_ERR, {"message": str(e)[:1000]})
@@ -208,19 +213,19 @@ async def serve_dial_socket(node: Any, path: str, *, allowed_protocols: set[str]
                 await local.send(ROUTE_OK, {"route": route})
         await raw.close()
 
+    async def _answer_route(local: FramedStream, raw: _TrioRaw, body: Any) -> None:
+        async def plan() -> Any:
+            exclude, avoid = _peer_lists(body, "exclude", "avoid")
+            return await plan_route(exclude, avoid)  # type: ignore[misc]
+
+        await _answer_planner(local, raw, plan)
+
     async def _answer_verifiers(local: FramedStream, raw: _TrioRaw, body: Any) -> None:
-        try:
-            exclude = (body or {}).get("exclude", []) if isinstance(body, dict) else None
-            if not (isinstance(exclude, list) and len(exclude) <= 64 and all(isinstance(p, str) for p in exclude)):
-                raise ValueError("exclude must be a list of peer ids")
-            route = await plan_verifiers(exclude)  # type: ignore[misc]
-        except Exception as e:
-            with contextlib.suppress(Exception):
-                await local.send(ROUTE_ERR, {"message": str(e)[:1000]})
-        else:
-            with contextlib.suppress(Exception):
-                await local.send(ROUTE_OK, {"route": route})
-        await raw.close()
+        async def plan() -> Any:
+            (exclude,) = _peer_lists(body, "exclude")
+            return await plan_verifiers(exclude)  # type: ignore[misc]
+
+        await _answer_planner(local, raw, plan)
 
     async with listener:
         task_status.started(path)
