@@ -170,3 +170,24 @@ def _molinkd_pids() -> set[int]:
         if any("cli.molinkd" in c for c in cmd) and any("molink-bench-" in c for c in cmd):
             out.add(proc.info["pid"])
     return out
+
+
+def test_node_ping_measures_one_round_trip_through_the_link():
+    """Node.ping (what routes are planned with) through a 60 ms link: one round trip, not the two
+    or three more that opening the ping stream costs."""
+    from p2p.host import NodeConfig, open_node
+
+    async def main() -> float:
+        async with open_node(NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",))) as a, \
+                open_node(NodeConfig(listen=("/ip4/127.0.0.1/tcp/0",))) as b, trio.open_nursery() as n:
+            port = int(next(x for x in a.addrs() if "/127.0.0.1/" in x).split("/tcp/")[1].split("/")[0])
+            link = WanLink(("127.0.0.1", port), rtt_ms=60)
+            await n.start(link.run)
+            with trio.fail_after(60):
+                await b.connect(a.peer_id, [f"{link.address}/p2p/{a.peer_id}"])
+                rtts = [await b.ping(a.peer_id, timeout=10) for _ in range(3)]
+            n.cancel_scope.cancel()
+        return min(rtts)
+
+    rtt = trio.run(main)
+    assert 0.055 <= rtt < 0.115, rtt
