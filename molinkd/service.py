@@ -428,7 +428,10 @@ def route_watch(d: Daemon, hops: list[dict], grace: float = ROUTE_PEER_GRACE) ->
                 missing_since.pop(peer, None)
                 continue
             since = missing_since.setdefault(peer, now)
-            if now - since < grace:
+            # a stage that said goodbye is draining: route around it now (it finishes what it
+            # holds meanwhile); a silent one may be a slow announcement: wait ``grace``
+            said_goodbye = peer in (getattr(d.disc, "departed", None) or {})
+            if now - since < grace and not said_goodbye:
                 continue
             if peer not in cut_at:
                 # the engine fails over by itself once its pipeline breaks: break it

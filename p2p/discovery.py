@@ -116,6 +116,9 @@ class Discovery:
         self._last_publish = -1e9
         self._left = False
         self._last_dial: dict[str, float] = {}
+        # peers whose goodbye (offline record) we took, and when (monotonic); forgotten when they
+        # announce themselves again. Bounded: the oldest go first.
+        self.departed: dict[str, float] = {}
         self._dial_send, self._dial_recv = trio.open_memory_channel[PeerRecord](64)
         self._warn = RateLimitedLog(log, interval=5.0)
         self._running = False
@@ -253,8 +256,12 @@ class Discovery:
                 self.announce_now()  # let the newcomer learn about us without waiting a period
             elif result == "removed":
                 self._stats["removed_offline"] += 1
+                self.departed[rec.peer_id] = time.monotonic()
+                while len(self.departed) > 1024:
+                    self.departed.pop(next(iter(self.departed)))
                 log.info("peer %s left", rec.peer_id)
             if rec.online:
+                self.departed.pop(rec.peer_id, None)
                 self._maybe_dial(rec)
 
     async def _publish_loop(self) -> None:

@@ -96,7 +96,6 @@ def test_wanlink_delay_changes_on_open_connections():
 
 
 @pytest.mark.slow
-@pytest.mark.engines
 def test_molink_bench_end_to_end_json_last_line():
     """Baseline + 2-stage swarm through a 20 ms link, tiny settings: the last line is the JSON
     result with every field, figures from this run, and no daemon is left running."""
@@ -125,7 +124,6 @@ def test_molink_bench_end_to_end_json_last_line():
 
 
 @pytest.mark.slow
-@pytest.mark.engines
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_bench_stops_every_daemon_and_removes_its_files(sig):
     before = _molinkd_pids()

@@ -31,7 +31,7 @@ import pytest
 from tests.helpers import REPO, Daemon, boot_addr, wait_for
 from tests.integration.conftest import F32_PROMPTS, MAX_TOKENS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engines]
 
 # float32 everywhere; a short ban so a hung stage is routed through again soon after it is back
 OPTS = ["--dtype", "float32", "--ban-seconds", "8", "--max-num-seqs", "16"]
@@ -235,13 +235,13 @@ def test_metrics_and_event_lines_on_the_swarm(swarm):
 @pytest.mark.timeout(1200)
 def test_two_heads_share_the_swarm(swarm, f32_reference):
     """A second head and a second [20,30) stage join: the second head routes through the spare and
-    its own [20,30) (one head per stage); both heads answer exactly. The second head and its stage
-    have twice the KV cache space, the spare does not: the route agrees on the minimum. A gateway
+    its own [20,30) (one head per stage); both heads answer exactly. The second head has twice the
+    KV cache space, its stages do not: the route agrees on the minimum. A gateway
     sends a request to the less loaded head, and a client leaving mid-stream frees the head's slot.
     Killed outright, the second head and stage take their engine processes with them."""
     _, spare = swarm.in_use_and_spare()
     tmp = swarm.tmp
-    c2 = Daemon(["--layers", "20:30", "--bootstrap", swarm.boot, "--kv-cache-gib", "2", *OPTS], tmp, name="c2")
+    c2 = Daemon(["--layers", "20:30", "--bootstrap", swarm.boot, *OPTS], tmp, name="c2")
     head2 = Daemon(["--layers", "0:10", "--bootstrap", swarm.boot, "--kv-cache-gib", "2", *OPTS], tmp,
                    name="head2")
     gw = Daemon(["--layers", "none", "--bootstrap", swarm.boot], tmp, name="gw")

@@ -99,6 +99,7 @@ async def test_announce_expire_leave_on_mock_clock(mock_clock: trio.testing.Mock
         await db.leave()
         await trio.sleep(0.01)
         assert "B" not in da.table and da.stats["removed_offline"] == 1
+        assert set(da.departed) == {"B"}  # a goodbye, not a silence: C expired without one
         await trio.sleep(5)
         assert [r.peer_id for r in da.table.snapshot()] == ["A"]
         nursery.cancel_scope.cancel()

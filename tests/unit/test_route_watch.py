@@ -101,3 +101,17 @@ def test_a_stage_announcing_far_more_than_measured_is_banned_as_a_liar() -> None
     early = _daemon("s1", "s2", throughput=1e6, measured={"s2": Measured(step_ms=40.0, steps=MIN_STEPS - 1)})
     route_watch(early, HOPS, grace=0)()
     assert early.banned == {}
+
+
+def test_a_stage_that_said_goodbye_is_cut_at_once_a_silent_one_after_the_grace() -> None:
+    """A goodbye (offline record) means the stage is draining: the engine's streams are cut on the
+    first check, with no grace; a stage that merely went quiet gets the grace."""
+    d = _daemon("s1")
+    scope = _Scope()
+    d.engine_pipes.add(scope)
+    check = route_watch(d, HOPS, grace=3600)
+    check()
+    assert not scope.cancelled  # s2 is silent, not gone: within the grace
+    d.disc.departed = {"s2": 0.0}
+    check()
+    assert scope.cancelled
