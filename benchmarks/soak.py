@@ -129,9 +129,10 @@ def one_request(url: str, prompt: str, max_tokens: int, timeout: float = 600.0) 
 
 
 class Swarm:
-    def __init__(self, tmp: Path, heads: int, stages: int, dtype: str, announce_period: float) -> None:
+    def __init__(self, tmp: Path, heads: int, stages: int, dtype: str, announce_period: float,
+                 kv_cache_gib: float = 1.0) -> None:
         self.tmp = tmp
-        self.common = ["--dtype", dtype, "--announce-period", str(announce_period)]
+        self.common = ["--dtype", dtype, "--announce-period", str(announce_period), "--kv-cache-gib", str(kv_cache_gib)]
         self.specs: list[tuple[str, list[str]]] = [("gw", ["--layers", "none"])]
         self.specs += [(f"stage{i}", ["--layers", "15:30"]) for i in range(stages)]
         self.specs += [(f"head{i}", ["--layers", "0:15"]) for i in range(heads)]
@@ -187,7 +188,7 @@ def ghosts(sw: Swarm, gone: str, survivors: list[str]) -> list[str]:
 def run(a: argparse.Namespace) -> dict:
     rng = random.Random(a.seed)
     tmp = Path(tempfile.mkdtemp(prefix="molink-soak-"))
-    sw = Swarm(tmp, a.heads, a.stages, a.dtype, a.announce_period)
+    sw = Swarm(tmp, a.heads, a.stages, a.dtype, a.announce_period, a.kv_cache_gib)
     stop = threading.Event()
     results: list = []
     lock = threading.Lock()
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--dtype", default="float32", help="float32 makes greedy text comparable across resumes")
     p.add_argument("--announce-period", type=float, default=2.0)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache of every daemon")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

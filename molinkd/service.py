@@ -783,11 +783,11 @@ async def _run_stage(d: Daemon) -> None:
                "--layers", f"{d.span[0]}:{d.span[1]}", "--listen", f"unix:{sock}", "--ready-file", str(ready),
                "--model-hash", d.model.model_hash, "--peer-id", d.node.peer_id,
                "--dtype", d.cfg.dtype if d.cfg.dtype != "auto" else "bfloat16",
-               "--max-model-len", str(d.cfg.max_model_len or 2048), "--max-num-seqs", str(d.cfg.max_num_seqs)]
+               "--max-model-len", str(d.cfg.max_model_len or 2048), "--max-num-seqs", str(d.cfg.max_num_seqs),
+               "--kv-cache-gib", repr(float(d.cfg.kv_cache_gib))]
         if d.cfg.max_num_batched_tokens:
             cmd += ["--max-num-batched-tokens", str(d.cfg.max_num_batched_tokens)]
-        env = dict(os.environ, MOLINK_P2P_DIAL=d.dial_path,
-                   VLLM_CPU_KVCACHE_SPACE=str(max(1, int(d.cfg.kv_cache_gib))))
+        env = dict(os.environ, MOLINK_P2P_DIAL=d.dial_path)
         env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         env.setdefault("PYTHONWARNINGS", "ignore")
         log_path = d.runtime_dir / "stage.log"

@@ -5,13 +5,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Fixtures that run vLLM engines (or need engines running): every test using one goes to one
-# pytest-xdist worker (`make test` runs `-n 2 --dist loadgroup`), which shares those engines and
-# swarms; the other worker meanwhile runs what needs no shared engine (unit tests, gateways, the NAT
-# lab, and suites that start their own daemons: the bench command, the churn soak, the local
-# pipeline), so its waits and loads overlap the shared engines' work. A module whose module-scoped
-# fixture runs engines names its group with ``pytest.mark.engines("group")``.
-ENGINE_FIXTURES = {"single_node", "plain_vllm_job", "f32_reference_job"}
+# Fixtures that run vLLM engines (or need engines running), and the pytest-xdist group of the tests
+# using them (`make test` runs `-n 3 --dist loadgroup`): a group runs on one worker, which starts
+# those engines once and shares them. "engines": the bf16 single node and its plain-vLLM reference,
+# the hostile swarm; "float32": the float32 reference, the float32 swarm, the local pipeline. A
+# third worker runs what needs no shared engine (unit tests, gateways, the NAT lab, and suites that
+# start their own daemons: the bench command, the churn soak), so waits and loads overlap. A module
+# whose module-scoped fixture runs engines names its group with ``pytest.mark.engines("group")``.
+ENGINE_FIXTURES = {"single_node": "engines", "plain_vllm_job": "engines", "f32_reference_job": "float32"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,8 +23,9 @@ def engine_group(item: pytest.Item) -> str | None:
     mark = item.get_closest_marker("engines")
     if mark is not None:
         return mark.args[0] if mark.args else "engines"
-    if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
-        return "engines"
+    for name in getattr(item, "fixturenames", ()):
+        if name in ENGINE_FIXTURES:
+            return ENGINE_FIXTURES[name]
     return None
 
 

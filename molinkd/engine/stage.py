@@ -565,8 +565,10 @@ def _relay_replies(down: Any, up: Any, index: int) -> None:
 # --- process entry point --------------------------------------------------------------------
 
 
-def engine_args_for_stage(model: str, *, dtype: str, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int | None, block_size: int | None) -> Any:
+def engine_args_for_stage(model: str, *, dtype: str, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int | None, block_size: int | None, kv_cache_gib: float = 1.0) -> Any:
     from vllm.engine.arg_utils import EngineArgs
+
+    from molinkd.engine.driver import cpu_platform, kv_cache_bytes
 
     kw: dict[str, Any] = dict(
         model=model,
@@ -581,6 +583,8 @@ def engine_args_for_stage(model: str, *, dtype: str, max_model_len: int, max_num
         kw["max_num_batched_tokens"] = max_num_batched_tokens
     if block_size:
         kw["block_size"] = block_size
+    if cpu_platform():
+        kw["kv_cache_memory_bytes"] = kv_cache_bytes(kv_cache_gib)
     return EngineArgs(**kw)
 
 
@@ -595,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size (fractions allowed)")
     p.add_argument("--model-hash", default="")
     p.add_argument("--peer-id", default="")
     p.add_argument("--idle-timeout", type=float, default=120.0)
@@ -604,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
 
     exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s stage %(levelname)s %(message)s")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""  # --kv-cache-gib is an engine argument (vLLM's legacy variable would override it)
 
     from molinkd.engine.link import bound_addr, listen
 
@@ -615,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
         block_size=a.block_size,
+        kv_cache_gib=a.kv_cache_gib,
     )
     vllm_config = cfg_args.create_engine_config()
     num_layers = vllm_config.model_config.get_total_num_hidden_layers()

@@ -84,7 +84,7 @@ def single_node(tmp_path_factory, model_dir, plain_vllm_job):
     """One full-model daemon with an API key, shared by every single-node test (its plain vLLM
     reference computes meanwhile)."""
     tmp = tmp_path_factory.mktemp("single")
-    d = Daemon([], tmp, name="single", api_key=API_KEY)
+    d = Daemon(["--kv-cache-gib", "0.25"], tmp, name="single", api_key=API_KEY)
     try:
         d.wait_ready()
         yield d

@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.engines]
 BLOCK_SIZE = 128  # vLLM CPU default
 HIDDEN = 576
 VOCAB = 49152
+KV = ["--kv-cache-gib", "0.25"]  # a quarter GiB of KV cache per engine: the suite runs many at once
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,16 @@ def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attacks")
     lie = tmp / "stageA-lies"  # while this file exists, stage A returns wrong values
     # stage A computes honestly but announces 1e6 tokens/s: the head must measure it and ban it
-    a = Daemon(["--layers", "15:30"], tmp, name="stageA", module="tests.integration.lying_daemon",
+    a = Daemon(["--layers", "15:30", *KV], tmp, name="stageA", module="tests.integration.lying_daemon",
                env={"MOLINK_TEST_LIE_FILE": str(lie)})
     daemons = [a]
     try:
         boot = boot_addr(a)
-        v = Daemon(["--layers", "10:20", "--bootstrap", boot, "--max-num-seqs", "8"], tmp, name="victim")
+        v = Daemon(["--layers", "10:20", "--bootstrap", boot, "--max-num-seqs", "8", *KV], tmp, name="victim")
         # an honest verifier for A's layers; it announces 1 token/s, so the head routes through A first
-        w = Daemon(["--layers", "15:30", "--bootstrap", boot], tmp, name="verifier", module="tests.integration.lying_daemon",
+        w = Daemon(["--layers", "15:30", "--bootstrap", boot, *KV], tmp, name="verifier", module="tests.integration.lying_daemon",
                    env={"MOLINK_TEST_ANNOUNCE": "1"})
-        h = Daemon(["--layers", "0:15", "--bootstrap", boot, "--audit-rate", "1", "--audit-quorum", "1"], tmp,
+        h = Daemon(["--layers", "0:15", "--bootstrap", boot, "--audit-rate", "1", "--audit-quorum", "1", *KV], tmp,
                    name="head")
         daemons += [v, w, h]
         for d in daemons:

@@ -19,14 +19,14 @@ from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-DURATION = float(os.environ.get("MOLINK_SOAK_SECONDS", "60"))
+DURATION = float(os.environ.get("MOLINK_SOAK_SECONDS", "45"))
 
 
 @pytest.mark.timeout(1200)
 def test_short_churn_loses_nothing(capsys):
-    cmd = [sys.executable, str(REPO / "benchmarks/soak.py"), "--duration", str(DURATION), "--fault-every", "20",
+    cmd = [sys.executable, str(REPO / "benchmarks/soak.py"), "--duration", str(DURATION), "--fault-every", "15",
            "--stop-seconds", "8", "--heads", "1", "--stages", "2", "--clients", "3", "--max-tokens", "24",
-           "--announce-period", "1", "--seed", "3", "--json"]
+           "--announce-period", "1", "--kv-cache-gib", "0.25", "--seed", "3", "--json"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1100)
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
