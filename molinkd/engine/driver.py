@@ -104,7 +104,7 @@ def _apply_env(opts: EngineOptions) -> None:
     """Environment read by vLLM when the engine (and its spawned EngineCore) starts."""
     # the KV cache size is an engine argument (any fraction of a GiB); vLLM's legacy variable
     # (whole GiB) would override it
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # (an empty value breaks vLLM's env cache)
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", os.environ.get("MOLINK_VLLM_LOG_LEVEL", "ERROR"))
     # vLLM and torch print FutureWarnings from every process they spawn: quiet by default

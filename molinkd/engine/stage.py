@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
 
     exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s stage %(levelname)s %(message)s")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""  # --kv-cache-gib is an engine argument (vLLM's legacy variable would override it)
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # --kv-cache-gib is an engine argument (vLLM's legacy variable would override it)
 
     from molinkd.engine.link import bound_addr, listen
 
