@@ -52,9 +52,13 @@ def swarm(tmp_path_factory):
         # an honest verifier for A's layers; it announces 1 token/s, so the head routes through A first
         w = Daemon(["--layers", "15:30", "--bootstrap", boot, *KV], tmp, name="verifier", module="tests.integration.lying_daemon",
                    env={"MOLINK_TEST_ANNOUNCE": "1"})
+        daemons += [v, w]
+        # the head plans its first route once it starts: stage A must be up by then (on a loaded
+        # machine the verifier may be ready first and win)
+        a.wait_ready(timeout=400)
         h = Daemon(["--layers", "0:15", "--bootstrap", boot, "--audit-rate", "1", "--audit-quorum", "1", *KV], tmp,
                    name="head")
-        daemons += [v, w, h]
+        daemons.append(h)
         for d in daemons:
             d.wait_ready(timeout=400)
         aid = a.status()["peer_id"]

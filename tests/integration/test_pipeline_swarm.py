@@ -290,9 +290,10 @@ def test_two_heads_share_the_swarm(swarm, f32_reference):
             os.kill(d.proc.pid, signal.SIGKILL)
             gone, alive = psutil.wait_procs(kids, timeout=20)
             assert not alive, (d.name, alive)
-            # the next daemon to start sweeps what the killed one left behind
-            assert rundir.exists()
-            assert rundir.name in runtime.sweep(runtime.runtime_root())
+            # the next daemon to start sweeps what the killed one left behind (daemons of tests
+            # running alongside may already have)
+            if rundir.exists():
+                assert rundir.name in runtime.sweep(runtime.runtime_root())
             assert not rundir.exists()
         # the spare is free again once its head is gone
         wait_for(lambda: spare.status()["serving_head"] is None, 120, "the spare to be released")
