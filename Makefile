@@ -44,7 +44,7 @@ run: install
 	$(VENV)/bin/molinkd join $(ARGS)
 
 test: install sysdeps
-	$(PY) -m pytest -n 3 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
