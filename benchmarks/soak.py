@@ -212,9 +212,10 @@ def run(a: argparse.Namespace) -> dict:
             c.start()
         t_end = time.monotonic() + a.duration
         ttl = 3 * a.announce_period
-        while time.monotonic() < t_end:
-            time.sleep(min(max(0.0, t_end - time.monotonic()), a.fault_every * rng.uniform(0.7, 1.3)))
-            if time.monotonic() >= t_end:
+        while time.monotonic() < t_end or len(faults) < a.min_faults:
+            time.sleep(max(0.0, min(t_end - time.monotonic(), a.fault_every * rng.uniform(0.7, 1.3)))
+                       if len(faults) >= a.min_faults else a.fault_every * rng.uniform(0.7, 1.3))
+            if time.monotonic() >= t_end and len(faults) >= a.min_faults:
                 break
             pool = [n for n in sw.daemons if n.startswith("stage") or (a.kill_heads and n.startswith("head"))]
             name = rng.choice(pool)
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=1800.0, help="seconds of churn")
     p.add_argument("--fault-every", type=float, default=45.0, help="mean seconds between faults")
+    p.add_argument("--min-faults", type=int, default=0, help="keep going past --duration until this many faults")
     p.add_argument("--stop-seconds", type=float, default=20.0, help="how long a SIGSTOP lasts")
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--stages", type=int, default=3)

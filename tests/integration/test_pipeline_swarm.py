@@ -175,15 +175,19 @@ def test_concurrent_requests_each_equal_their_reference(swarm, f32_reference):
 
 
 def test_route_avoids_the_garbage_peer_and_status_shows_it(swarm):
-    """The head tried the evil peer (it claims to be fastest), banned it, and routes through one
-    real [10,20) peer; the other is a spare. (After the tests above: the stages have step times.)"""
+    """The head routes through one real [10,20) peer, never the evil one (banned once tried); the
+    other is a spare. (After the tests above: the stages have step times.)"""
     a, c = swarm.a, swarm.c
     st = a.status()
     ids = swarm.ids()
     route = st["route"]
     assert len(route) == 3 and route[0] == st["peer_id"] and route[2] == ids["c"]
     assert route[1] in (ids["b1"], ids["b2"]) and swarm.evil_id not in route
-    assert swarm.evil_id in st["banned"]
+    # the head knows the evil peer; if it tried it (it claims to be fast, but an unmeasured claim is
+    # capped, so on a loaded machine the head may have planned before its record came), it banned it
+    assert swarm.evil_id in {p["peer_id"] for p in st["peers"]}
+    if swarm.evil_id in st["banned"]:
+        assert "probe" in st["banned"][swarm.evil_id]["reason"], st["banned"]
     in_use, spare = swarm.in_use_and_spare()
     assert spare.status()["serving_head"] is None
     assert in_use.status()["serving_head"] == c.status()["serving_head"] == st["peer_id"]
