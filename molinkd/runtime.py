@@ -84,11 +84,20 @@ def _tag(pid: int) -> str | None:
 
 
 def is_stale(name: str) -> bool:
-    """Whether the runtime directory called ``name`` belongs to a daemon that no longer runs."""
-    pid, _, _ = name.partition("-")
+    """Whether the runtime directory called ``name`` belongs to a daemon that no longer runs.
+
+    The start time is compared within 2 s: psutil derives it from the boot time, which Linux
+    recomputes from the clock, so two processes can see the same start one second apart (a live
+    daemon's directory was swept that way by a daemon starting next to it)."""
+    pid, _, started = name.partition("-")
     if not pid.isdigit():
         return False  # not ours
-    return _tag(int(pid)) != name
+    tag = _tag(int(pid))
+    if tag is None:
+        return True
+    if not started.isdigit():
+        return tag != name
+    return abs(int(tag.partition("-")[2]) - int(started)) > 2
 
 
 def sweep(root: Path) -> list[str]:

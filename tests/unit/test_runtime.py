@@ -80,3 +80,14 @@ def test_scratch_in_redirects_and_restores(tmp_path: Path, monkeypatch: pytest.M
         assert out == str(tmp_path / "tmp")  # child processes (engines) inherit it
     assert "VLLM_RPC_BASE_PATH" not in os.environ
     assert tempfile.gettempdir() == before
+
+
+def test_a_start_time_one_second_off_is_the_same_daemon() -> None:
+    """psutil's start time moves with the boot time Linux derives from the clock: a live daemon
+    seen one second off by another process must not be swept; a recycled pid (start far off) is."""
+    import psutil
+
+    started = int(psutil.Process(os.getpid()).create_time())
+    for off in (-1, 0, 1):
+        assert not runtime.is_stale(f"{os.getpid()}-{started + off}")
+    assert runtime.is_stale(f"{os.getpid()}-{started - 3600}")
