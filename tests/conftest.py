@@ -7,13 +7,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # Fixtures that run vLLM engines (or need engines running), and the pytest-xdist group of the tests
 # using them (`make test` runs `-n 2 --dist loadgroup`): a group runs on one worker, which starts
-# those engines once and shares them. "engines": the bf16 single node and its plain-vLLM reference,
-# the hostile swarm; "float32": the float32 reference, the float32 swarm, the local pipeline. The
-# rest needs no shared engine (unit tests, gateways, the NAT lab, and suites that start their own
-# daemons: the bench command, the churn soak) and fills the workers around the groups. A module
-# whose module-scoped fixture runs engines names its group with ``pytest.mark.engines("group")``.
-# (Three workers were tried: on 2 cores they ran slower and timed out libp2p handshakes.)
-ENGINE_FIXTURES = {"single_node": "engines", "plain_vllm_job": "engines", "f32_reference_job": "float32"}
+# those engines once and shares them. "engines": the single node and its plain-vLLM reference, the
+# float32 reference and swarm, the hostile swarm; "local-pipeline": the local pipeline (it makes its
+# own float32 reference). The other worker runs those and what needs no shared engine (unit tests,
+# gateways, the NAT lab, and suites that start their own daemons: the bench command, the churn
+# soak). Two engine groups on two workers queue every other test behind them (xdist hands a worker
+# a whole group at once), and three workers on 2 cores ran slower and timed out libp2p handshakes.
+# A module whose module-scoped fixture runs engines names its group with
+# ``pytest.mark.engines("group")``.
+ENGINE_FIXTURES = {"single_node": "engines", "plain_vllm_job": "engines", "f32_reference_job": "engines"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,13 +32,8 @@ def engine_group(item: pytest.Item) -> str | None:
     return None
 
 
-# long tests that share nothing: scheduled first, so they do not end the run alone
-LONG_ALONE = ("tests/integration/test_soak.py::", "tests/integration/test_bench.py::test_molink_bench_end_to_end")
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: 0 if item.nodeid.startswith(LONG_ALONE) else 1)  # stable: modules keep their order
     for item in items:
         group = engine_group(item)
         if group:

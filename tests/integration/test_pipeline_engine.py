@@ -18,7 +18,7 @@ import pytest
 from tests.integration.conftest import F32_PROMPTS, MAX_TOKENS
 from tests.integration.pipeline_helpers import DRIVER, BackgroundJob, Stage, route_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.engines("float32")]
+pytestmark = [pytest.mark.slow, pytest.mark.engines("local-pipeline")]
 
 
 def spec(model_dir, dtype, route=None, prompts=F32_PROMPTS, **kw):
