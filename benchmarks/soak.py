@@ -88,7 +88,7 @@ class Client(threading.Thread):
 def one_request(url: str, prompt: str, max_tokens: int, timeout: float = 600.0) -> dict:
     """Stream one completion; returns what a client saw (never raises)."""
     out = {"url": url, "prompt": prompt, "text": "", "tokens": 0, "ok": False, "error": None,
-           "max_gap": 0.0, "finish": None}
+           "max_gap": 0.0, "finish": None, "t0": time.monotonic(), "t1": None}
     body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     last = time.monotonic()
@@ -125,6 +125,7 @@ def one_request(url: str, prompt: str, max_tokens: int, timeout: float = 600.0) 
     if out["ok"] and out["error"] is None and not out["tokens"]:
         out["ok"] = False
         out["error"] = "stream ended without usage"
+    out["t1"] = time.monotonic()
     return out
 
 
@@ -210,7 +211,8 @@ def run(a: argparse.Namespace) -> dict:
         clients = [Client(i, urls, a.max_tokens, stop, results, lock) for i in range(a.clients)]
         for c in clients:
             c.start()
-        t_end = time.monotonic() + a.duration
+        t_start = time.monotonic()
+        t_end = t_start + a.duration
         ttl = 3 * a.announce_period
         while time.monotonic() < t_end or len(faults) < a.min_faults:
             time.sleep(max(0.0, min(t_end - time.monotonic(), a.fault_every * rng.uniform(0.7, 1.3)))
@@ -222,7 +224,7 @@ def run(a: argparse.Namespace) -> dict:
             kind = rng.choice(["SIGKILL", "SIGSTOP", "SIGTERM"])
             d = sw.daemons[name]
             t0 = time.monotonic()
-            fault = {"t": round(t0 - (t_end - a.duration), 1), "peer": name, "fault": kind}
+            fault = {"t": round(t0 - t_start, 1), "peer": name, "fault": kind}
             print(f"[soak] {fault['t']:7.1f}s {kind} {name}", file=sys.stderr, flush=True)
             if kind == "SIGSTOP":
                 os.killpg(d.proc.pid, signal.SIGSTOP)
@@ -263,6 +265,7 @@ def run(a: argparse.Namespace) -> dict:
         "errors": sorted({r["error"] for r in results if r["error"]})[:10],
         "silent_failures": len(silent), "token_count_mismatch": len(wrong_count),
         "text_mismatch": len(wrong_text), "ghost_peers": ghost_count,
+        "mismatches": [_mismatch(r, refs[r["prompt"]]["text"], t_start) for r in (wrong_count + wrong_text)[:10]],
         "gap_s_p50": round(statistics.median(gaps), 3), "gap_s_p99": round(gaps[int(0.99 * (len(gaps) - 1))], 3),
         "gap_s_max": round(gaps[-1], 3),
         "rss_mb_start": {n: round(v[0], 1) for n, v in usage0.items()},
@@ -270,6 +273,14 @@ def run(a: argparse.Namespace) -> dict:
         "fds_start": {n: v[1] for n, v in usage0.items()}, "fds_end": {n: v[1] for n, v in usage1.items()},
     }
     return report
+
+
+def _mismatch(r: dict, ref: str, t_start: float) -> dict:
+    """What a wrong answer looked like: where it left the reference, when, through which entry point."""
+    got = r["text"]
+    at = next((i for i, (x, y) in enumerate(zip(got, ref)) if x != y), min(len(got), len(ref)))
+    return {"url": r["url"], "prompt": r["prompt"], "tokens": r["tokens"], "diverges_at_char": at,
+            "reference": ref, "got": got, "t0": round(r["t0"] - t_start, 1), "t1": round(r["t1"] - t_start, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in r["rss_mb_start"]:
         print(f"  {n:7s} rss {r['rss_mb_start'][n]:8.1f} -> {r['rss_mb_end'].get(n, 0):8.1f} MiB   "
               f"fds {r['fds_start'][n]} -> {r['fds_end'].get(n)}")
+    for m in r["mismatches"]:
+        print(f"  MISMATCH {m['t0']}-{m['t1']} s via {m['url']}: {m['prompt']!r} diverges at char {m['diverges_at_char']}\n"
+              f"    reference {m['reference']!r}\n    got       {m['got']!r}")
     if a.json:
         print(json.dumps(r))
     return 0

@@ -247,8 +247,9 @@ def rebuild_and_resend(ex: Any, link: Any, route: list[dict], session: str, stag
             tok = toks[c - 1] if c - 1 < len(toks) else rs.output_token_ids[c - 1 - len(toks)]
             head_computed[rid] = (c, int(tok))
         with ex._send_lock:
+            gone = {rid for e in ex._log for rid in (*e.so.finished_req_ids, *(e.so.preempted_req_ids or ()))}
             plan = rebuild_plan(ex.mirror, max_tokens=sc.max_num_batched_tokens, max_seqs=sc.max_num_seqs,
-                                head_order=order, head_computed=head_computed)
+                                head_order=order, head_computed=head_computed, gone=gone)
         try:
             for rs in plan:
                 ex.worker.execute_model(rs.head)
@@ -287,6 +288,7 @@ def rebuild_and_resend(ex: Any, link: Any, route: list[dict], session: str, stag
         ex._last_send = now
         ex._up = True
         ex._failing_over = False
-    log.info("rebuilt %d requests in %d steps (%.2fs on the head), re-sent %d steps",
-             len(ex.mirror.requests), len(bodies), took, len(ex._log))
+    log.info("rebuilt %d requests (%d of them finished or preempted by a step in flight) in %d steps "
+             "(%.2fs on the head), re-sent %d steps", len(ex.mirror.requests), len(gone & ex.mirror.requests.keys()),
+             len(bodies), took, len(ex._log))
     return took

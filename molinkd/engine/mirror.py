@@ -159,7 +159,12 @@ def _cached(items: list[tuple[str, int, list[int]]]) -> Any:
         num_output_tokens=[0 for _ in items])
 
 
-def _new(rid: str, r: MirroredRequest, prompt: list[int]) -> Any:
+NULL_BLOCK = 0  # vLLM's BlockPool reserves block 0 (its null block): never given to a request
+
+
+def _new(rid: str, r: MirroredRequest, prompt: list[int], *, scratch: bool = False) -> Any:
+    """A new request for ``r``; ``scratch`` puts every block of it on the null block (its KV
+    values are thrown away: see ``gone`` in :func:`rebuild_plan`)."""
     from vllm.v1.core.sched.output import NewRequestData
 
     sp = r.sampling_params
@@ -170,14 +175,24 @@ def _new(rid: str, r: MirroredRequest, prompt: list[int]) -> Any:
         sp.prompt_logprobs = None
     return NewRequestData(req_id=rid, prompt_token_ids=list(prompt), mm_features=[],
                           sampling_params=sp, pooling_params=None,
-                          block_ids=_copy_blocks(r.block_ids), num_computed_tokens=0, lora_request=None)
+                          block_ids=tuple([NULL_BLOCK] * len(g) for g in r.block_ids) if scratch
+                          else _copy_blocks(r.block_ids), num_computed_tokens=0, lora_request=None)
 
 
 def rebuild_plan(mirror: RequestMirror, *, max_tokens: int, max_seqs: int,
-                 head_order: list[str], head_computed: dict[str, tuple[int, int]]) -> list[RebuildStep]:
+                 head_order: list[str], head_computed: dict[str, tuple[int, int]],
+                 gone: set[str] | frozenset[str] = frozenset()) -> list[RebuildStep]:
     """Synthetic steps that rebuild a fresh tail to the mirror's state, then restore the head's
     own batch to ``head_order`` (its runner's batch now; ``head_computed[req]`` = (tokens of KV it
-    holds, the token id at the last of those positions)). Raises :class:`NotRebuildable`."""
+    holds, the token id at the last of those positions)). Raises :class:`NotRebuildable`.
+
+    ``gone``: requests a step in flight finishes or preempts. The head's scheduler has already
+    freed their blocks and may have given them to a request of a later step, whose KV the head's
+    worker already wrote: computing a gone request's temporary in its old blocks would overwrite
+    that KV (seen in a soak: a request admitted just before a failover went on with another
+    request's keys and values from its fourth token). The tail still needs gone requests (its
+    batch order must be the old one when the re-sent steps finish or preempt them), but never
+    their values: their head temporaries run on the null block."""
     if max_tokens < 1 or max_seqs < 1:
         raise ValueError("budgets must be positive")
     reqs = mirror.requests
@@ -219,7 +234,8 @@ def rebuild_plan(mirror: RequestMirror, *, max_tokens: int, max_seqs: int,
         if not pending:
             return
         tail_new = [_new(rid, reqs[rid], reqs[rid].tokens) for rid, _ in pending]
-        head_new = [_new(temp(rid), reqs[rid], reqs[rid].tokens[:reqs[rid].computed]) for rid, _ in pending]
+        head_new = [_new(temp(rid), reqs[rid], reqs[rid].tokens[:reqs[rid].computed], scratch=rid in gone)
+                    for rid, _ in pending]
         steps.append(RebuildStep(
             head=_so(head_new, _cached([]), {temp(rid): n for rid, n in pending}),
             tail=_so(tail_new, _cached([]), {rid: n for rid, n in pending})))
@@ -235,7 +251,8 @@ def rebuild_plan(mirror: RequestMirror, *, max_tokens: int, max_seqs: int,
             while done < n:
                 k = min(max_tokens, n - done)
                 if done == 0:
-                    head = _so([_new(temp(rid), r, r.tokens[:r.computed])], _cached([]), {temp(rid): k})
+                    head = _so([_new(temp(rid), r, r.tokens[:r.computed], scratch=rid in gone)], _cached([]),
+                               {temp(rid): k})
                     tail = _so([_new(rid, r, r.tokens)], _cached([]), {rid: k})
                 else:
                     toks = r.tokens[done:done + k]

@@ -167,3 +167,27 @@ def test_prompt_logprobs_are_not_produced_again():
     m.requests["a"].output_token_ids = []
     with pytest.raises(NotRebuildable, match="prompt logprobs"):
         rebuild_plan(m, max_tokens=64, max_seqs=8, head_order=[], head_computed={})
+
+
+def test_requests_gone_in_flight_never_touch_blocks_the_head_gave_away():
+    """b finished in a step still in flight: the head's scheduler freed its blocks (2, 3) and may
+    have handed them to a request of that step, whose KV the head already wrote. The tail still
+    gets b in its real blocks (its batch order needs b until the re-sent step finishes it), but the
+    head computes b's temporary on the null block only; a (live) keeps its own blocks everywhere."""
+    from molinkd.engine.mirror import NULL_BLOCK
+
+    m = two_decoding()
+    steps = rebuild_plan(m, max_tokens=64, max_seqs=8, head_order=["a"], head_computed={"a": (7, 12)}, gone={"b"})
+    head_blocks = {r.req_id: r.block_ids for s in steps for r in s.head.scheduled_new_reqs}
+    tail_blocks = {r.req_id: r.block_ids for s in steps if s.tail is not None for r in s.tail.scheduled_new_reqs}
+    assert head_blocks[TEMP_PREFIX + "b"] == ([NULL_BLOCK, NULL_BLOCK],)
+    assert head_blocks[TEMP_PREFIX + "a"] == ([0, 1],)  # a's real blocks (rewritten with the same values)
+    assert tail_blocks == {"a": ([0, 1],), "b": ([2, 3],)}
+    # the chunked path (a request longer than the token budget) obeys it too
+    long = RequestMirror()
+    long.apply_step(step([new_req("x", range(90), [4, 5])], sched={"x": 90}), order=["x"])
+    long.apply_result(result([("x", [99])]))
+    steps = rebuild_plan(long, max_tokens=40, max_seqs=4, head_order=[], head_computed={}, gone={"x"})
+    firsts = [r for s in steps for r in s.head.scheduled_new_reqs]
+    assert [r.block_ids for r in firsts] == [([NULL_BLOCK, NULL_BLOCK],)]
+    assert [r.block_ids for s in steps if s.tail is not None for r in s.tail.scheduled_new_reqs] == [([4, 5],)]
