@@ -2,7 +2,8 @@
 
 Layout (default): a gateway (no layers), ``--heads`` heads (0:15) and ``--stages`` stages (15:30),
 more stages than heads so every span has a spare. Clients stream greedy completions with
-``ignore_eos`` through the gateway and the heads. Every ``--fault-every`` seconds (jittered) a
+``ignore_eos`` through the gateway and the heads (with ``--kill-heads`` through the gateway only: a
+killed head's address answers nothing; a client backs off 1 s after an error). Every ``--fault-every`` seconds (jittered) a
 random stage (and, with ``--kill-heads``, a head) gets one fault: SIGKILL, SIGSTOP for
 ``--stop-seconds``, or SIGTERM; killed and stopped daemons are restarted with the same identity.
 
@@ -10,6 +11,8 @@ Report (a table, and with ``--json`` one JSON line last):
 - requests ok / total; every failure must be an explicit error (none silently truncated);
 - tokens lost or repeated: a completed request must have exactly ``max_tokens`` tokens and, in
   float32 (the default), exactly the text an undisturbed run gave for its prompt;
+- per fault: time to detect it and to fail over (from the heads' /status), requests that overlapped
+  it, how many of those failed, and the longest token gap among them;
 - ghost peers: a departed peer still listed online by a survivor two TTLs after it left;
 - RSS and open file descriptors of every daemon (and its engine processes) at start and end;
 - the longest gap between two streamed tokens a client saw (p50/p99/max over requests).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -81,8 +85,11 @@ class Client(threading.Thread):
             n += 1
             prompt = rng.choice(PROMPTS)
             url = rng.choice(self.urls)
+            r = one_request(url, prompt, self.max_tokens)
             with self.lock:
-                self.results.append(one_request(url, prompt, self.max_tokens))
+                self.results.append(r)
+            if not r["ok"]:
+                self.stop.wait(1.0)  # a client backs off after an error instead of spinning on it
 
 
 def one_request(url: str, prompt: str, max_tokens: int, timeout: float = 600.0) -> dict:
@@ -194,6 +201,7 @@ def run(a: argparse.Namespace) -> dict:
     results: list = []
     lock = threading.Lock()
     faults: list[dict] = []
+    failovers: dict[tuple[str, float], dict] = {}
     ghost_count = 0
     try:
         sw.start_all()
@@ -207,7 +215,10 @@ def run(a: argparse.Namespace) -> dict:
         if bad:
             raise RuntimeError(f"undisturbed references failed: {bad}")
         usage0 = {n: _tree_usage(d.proc.pid) for n, d in sw.daemons.items()}
-        urls = [sw.daemons["gw"].url, *head_urls]
+        # heads that get killed are no entry point (nothing answers at a dead head's address): then
+        # clients use the gateway, whose requests resume on the other head
+        urls = [sw.daemons["gw"].url] + ([] if a.kill_heads else head_urls)
+        names = {d.url: n for n, d in sw.daemons.items()}
         clients = [Client(i, urls, a.max_tokens, stop, results, lock) for i in range(a.clients)]
         for c in clients:
             c.start()
@@ -224,7 +235,7 @@ def run(a: argparse.Namespace) -> dict:
             kind = rng.choice(["SIGKILL", "SIGSTOP", "SIGTERM"])
             d = sw.daemons[name]
             t0 = time.monotonic()
-            fault = {"t": round(t0 - t_start, 1), "peer": name, "fault": kind}
+            fault = {"t": round(t0 - t_start, 1), "peer": name, "fault": kind, "wall": time.time()}
             print(f"[soak] {fault['t']:7.1f}s {kind} {name}", file=sys.stderr, flush=True)
             if kind == "SIGSTOP":
                 os.killpg(d.proc.pid, signal.SIGSTOP)
@@ -246,6 +257,11 @@ def run(a: argparse.Namespace) -> dict:
                 sw.start(name).wait_ready(timeout=600)
             fault["handled_s"] = round(time.monotonic() - t0, 1)
             faults.append(fault)
+            for n, d in sw.daemons.items():  # failovers the heads made since (they keep the last 8)
+                if n.startswith("head") and n != name:
+                    with _suppress():
+                        for f in d.status()["pipeline"].get("failovers") or []:
+                            failovers.setdefault((n, f["time"]), f)
         stop.set()
         for c in clients:
             c.join(timeout=700)
@@ -259,8 +275,25 @@ def run(a: argparse.Namespace) -> dict:
     wrong_count = [r for r in ok if r["tokens"] != a.max_tokens]
     wrong_text = [r for r in ok if a.dtype == "float32" and r["text"] != refs[r["prompt"]]["text"]]
     gaps = sorted(r["max_gap"] for r in ok) or [0.0]
+    for i, f in enumerate(faults):  # what each fault did: detection, failover, requests overlapping it
+        end = faults[i + 1]["wall"] if i + 1 < len(faults) else math.inf
+        fo = sorted((v for v in failovers.values() if f["wall"] <= v["detected_at"] < end), key=lambda v: v["time"])
+        f["detect_s"] = round(fo[0]["detected_at"] - f["wall"], 2) if fo else None
+        f["failover_s"] = round(fo[0]["seconds"], 2) if fo else None
+        t0, t1 = f["t"] + t_start, f["t"] + t_start + f["handled_s"]
+        during = [r for r in results if r["t0"] <= t1 and r["t1"] >= t0]
+        f["requests"] = len(during)
+        f["failed"] = sum(not r["ok"] for r in during)
+        f["max_gap_s"] = round(max((r["max_gap"] for r in during if r["ok"]), default=0.0), 2)
+        del f["wall"]
+    by_entry: dict[str, list[int]] = {}
+    for r in results:
+        c = by_entry.setdefault(names.get(r["url"], r["url"]), [0, 0])
+        c[0] += r["ok"]
+        c[1] += 1
     report = {
         "duration_s": a.duration, "faults": faults, "requests": total, "ok": len(ok),
+        "ok_by_entry": {n: f"{c[0]}/{c[1]}" for n, c in by_entry.items()},
         "ok_ratio": round(len(ok) / total, 5) if total else None,
         "errors": sorted({r["error"] for r in results if r["error"]})[:10],
         "silent_failures": len(silent), "token_count_mismatch": len(wrong_count),
@@ -281,6 +314,10 @@ def _mismatch(r: dict, ref: str, t_start: float) -> dict:
     at = next((i for i, (x, y) in enumerate(zip(got, ref)) if x != y), min(len(got), len(ref)))
     return {"url": r["url"], "prompt": r["prompt"], "tokens": r["tokens"], "diverges_at_char": at,
             "reference": ref, "got": got, "t0": round(r["t0"] - t_start, 1), "t1": round(r["t1"] - t_start, 1)}
+
+
+def _n(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
           f"token-count mismatches {r['token_count_mismatch']}  text mismatches {r['text_mismatch']}  "
           f"ghost peers {r['ghost_peers']}")
     print(f"longest token gap per request: p50 {r['gap_s_p50']} s  p99 {r['gap_s_p99']} s  max {r['gap_s_max']} s")
+    print(f"ok by entry point: {r['ok_by_entry']}")
+    print("  time(s)  fault    peer     detect(s) failover(s) handled(s) requests failed max-gap(s)")
     for f in r["faults"]:
-        print(f"  {f['t']:7.1f}s {f['fault']:8s} {f['peer']:7s} handled in {f['handled_s']} s"
+        print(f"  {f['t']:7.1f}  {f['fault']:8s} {f['peer']:7s}  {_n(f['detect_s']):>8s} {_n(f['failover_s']):>11s} "
+              f"{f['handled_s']:10.1f} {f['requests']:8d} {f['failed']:6d} {f['max_gap_s']:10.2f}"
               + (f"  ghosts: {f['ghosts']}" if f.get("ghosts") else ""))
     for n in r["rss_mb_start"]:
         print(f"  {n:7s} rss {r['rss_mb_start'][n]:8.1f} -> {r['rss_mb_end'].get(n, 0):8.1f} MiB   "
