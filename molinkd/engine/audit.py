@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import queue
 import random
 import threading
@@ -30,7 +29,7 @@ import time
 from typing import Any
 
 from molinkd.audit import auditable, judge, rows_of
-from molinkd.engine.link import P2P_AUDIT, P2P_AUDIT_OK, P2P_VERIFIERS
+from molinkd.engine.link import P2P_AUDIT, P2P_AUDIT_OK, P2P_VERIFIERS, recv_within
 
 log = logging.getLogger("molinkd.engine.audit")
 
@@ -196,16 +195,10 @@ class Auditor:
         link.send(wire.STEP, {"step": step, "sched": schedwire.encode_scheduler_output(so), "grammar": None,
                               "hidden": {k: to_wire(v) for k, v in cap.rows.items()}, "sample": True},
                   timeout=RESULT_TIMEOUT)
-        deadline = time.monotonic() + RESULT_TIMEOUT
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no result within {RESULT_TIMEOUT:.0f}s")
-            f = link.recv(timeout=left)
-            if f.type == wire.ERROR:
-                raise RuntimeError(f"stage {f.get('stage')}: {str(f.get('message'))[:300]}")
-            if f.type == wire.RESULT and f.get("step") == step:
-                break
+        f = recv_within(link, RESULT_TIMEOUT, lambda f: f.type == wire.RESULT and f.get("step") == step,
+                        error_type=wire.ERROR)
+        if f.type == wire.ERROR:
+            raise RuntimeError(f"stage {f.get('stage')}: {str(f.get('message'))[:300]}")
         out = schedwire.decode_model_runner_output(f.get("output"))
         schedwire.check_model_runner_output(out, so, self.ex.limits)
         lp = out.logprobs
@@ -241,17 +234,9 @@ class Auditor:
 
 
 def _ask_daemon(t: str, body: dict, timeout: float) -> Any:
-    from molinkd.engine.link import FramedLink
+    from molinkd.engine.link import ask_daemon
 
-    dial = os.environ.get("MOLINK_P2P_DIAL")
-    if not dial:
-        raise OSError("not running under a daemon (MOLINK_P2P_DIAL unset)")
-    link = FramedLink.connect(f"unix:{dial}", timeout=DIAL_TIMEOUT)
-    try:
-        link.send(t, body, timeout=DIAL_TIMEOUT)
-        return link.recv(timeout=timeout)
-    finally:
-        link.close()
+    return ask_daemon(t, body, timeout, connect_timeout=DIAL_TIMEOUT)
 
 
 def ask_verifiers(ex: Any, exclude: list[str]) -> list[dict]:

@@ -59,19 +59,10 @@ class EngineOptions:
     extra_env: tuple[tuple[str, str], ...] = ()
 
 
-def kv_cache_bytes(gib: float) -> int:
-    """``--kv-cache-gib`` as vLLM's ``kv_cache_memory_bytes`` (fractions allowed: 0.25 is 256 MiB)."""
-    return int(gib * (1 << 30))
-
-
-def cpu_platform() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
 def _engine_args(opts: EngineOptions):
     from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from molinkd.engine.kvcache import kv_cache_kwargs
 
     kw: dict[str, Any] = dict(
         model=opts.model,
@@ -85,10 +76,7 @@ def _engine_args(opts: EngineOptions):
     )
     if opts.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = opts.max_num_batched_tokens
-    if opts.gpu_memory_utilization:
-        kw["gpu_memory_utilization"] = opts.gpu_memory_utilization
-    elif cpu_platform():
-        kw["kv_cache_memory_bytes"] = kv_cache_bytes(opts.kv_cache_gib)
+    kw.update(kv_cache_kwargs(opts.kv_cache_gib, gpu_memory_utilization=opts.gpu_memory_utilization))
     if opts.block_size:
         kw["block_size"] = opts.block_size
     extra = dict(opts.extra_kwargs)
@@ -102,8 +90,8 @@ def _engine_args(opts: EngineOptions):
 
 def _apply_env(opts: EngineOptions) -> None:
     """Environment read by vLLM when the engine (and its spawned EngineCore) starts."""
-    # the KV cache size is an engine argument (any fraction of a GiB); vLLM's legacy variable
-    # (whole GiB) would override it
+    # the KV cache size is an engine argument (molinkd.engine.kvcache); vLLM's legacy variable
+    # (whole GiB) would override it, in the EngineCore process too
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # (an empty value breaks vLLM's env cache)
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", os.environ.get("MOLINK_VLLM_LOG_LEVEL", "ERROR"))

@@ -125,17 +125,12 @@ def _run(ex: Any, reason: str, culprit: str | None, avoid_list: list[str], detec
 def ask_route(ex: Any, exclude: set[str], avoid: set[str]) -> list[dict]:
     """A new route from the daemon (head first, the same head span), avoiding ``avoid`` where it
     can and never using ``exclude``. Raises RouteUnavailable with the daemon's reason."""
-    from molinkd.engine.link import FramedLink
+    from molinkd.engine.link import ask_daemon
 
-    dial = os.environ.get("MOLINK_P2P_DIAL")
-    if not dial:
+    if not os.environ.get("MOLINK_P2P_DIAL"):
         raise RouteUnavailable("not running under a daemon (MOLINK_P2P_DIAL unset)")
-    link = FramedLink.connect(f"unix:{dial}", timeout=CONNECT_TIMEOUT)
-    try:
-        link.send(P2P_ROUTE, {"exclude": sorted(exclude), "avoid": sorted(avoid)}, timeout=CONNECT_TIMEOUT)
-        reply = link.recv(timeout=ROUTE_TIMEOUT)
-    finally:
-        link.close()
+    reply = ask_daemon(P2P_ROUTE, {"exclude": sorted(exclude), "avoid": sorted(avoid)}, ROUTE_TIMEOUT,
+                       connect_timeout=CONNECT_TIMEOUT)
     body = reply.body if isinstance(reply.body, dict) else {}
     if reply.type != P2P_ROUTE_OK:
         raise RouteUnavailable(str(body.get("message") or reply.type)[:500])
@@ -204,19 +199,17 @@ def open_session(ex: Any, route: list[dict]) -> tuple[Any, str, list[dict]]:
 
 def _await(link: Any, want: str, route: list[dict]) -> dict:
     from molinkd.engine import wire
+    from molinkd.engine.link import LinkTimeout, recv_within
 
-    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise SessionFailed(f"no {want} from the new route within {HANDSHAKE_TIMEOUT:.0f}s")
-        f = link.recv(timeout=left)
-        if f.type == want:
-            return f.body
-        if f.type == wire.ERROR:
-            idx = f.get("stage")
-            peer = route[idx]["peer"] if isinstance(idx, int) and 0 < idx < len(route) else route[1]["peer"]
-            raise SessionFailed(f"stage {idx} refused the new session: {str(f.get('message'))[:300]}", peer)
+    try:
+        f = recv_within(link, HANDSHAKE_TIMEOUT, lambda f: f.type == want, error_type=wire.ERROR)
+    except LinkTimeout:
+        raise SessionFailed(f"no {want} from the new route within {HANDSHAKE_TIMEOUT:.0f}s") from None
+    if f.type == want:
+        return f.body
+    idx = f.get("stage")
+    peer = route[idx]["peer"] if isinstance(idx, int) and 0 < idx < len(route) else route[1]["peer"]
+    raise SessionFailed(f"stage {idx} refused the new session: {str(f.get('message'))[:300]}", peer)
 
 
 # --- rebuilding the tail --------------------------------------------------------------------

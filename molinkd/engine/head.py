@@ -723,13 +723,3 @@ def says_nothing(so: Any) -> bool:
     return not (so.scheduled_new_reqs or cached.req_ids or so.finished_req_ids or so.free_encoder_mm_hashes
                 or so.preempted_req_ids or so.new_block_ids_to_zero or so.kv_cache_block_copies
                 or so.scheduled_encoder_inputs or so.scheduled_spec_decode_tokens)
-
-
-def head_env(*, omp_threads: int | None = 1, kv_cache_gib: int | None = 1) -> dict[str, str]:
-    """Environment a head engine on a shared CPU box wants (apply before creating the engine)."""
-    env = {}
-    if omp_threads:
-        env["OMP_NUM_THREADS"] = str(omp_threads)
-    if kv_cache_gib:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
-    return {k: v for k, v in env.items() if k not in os.environ}

@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from p2p.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
@@ -153,6 +154,34 @@ class FramedLink:
         except OSError:
             pass
         self.sock.close()
+
+
+def recv_within(link: FramedLink, timeout: float, want: Callable[[Frame], bool], *, error_type: str = "eng.error") -> Frame:
+    """The first frame ``want`` accepts, or the first frame of ``error_type``, skipping others,
+    within ``timeout`` s in all (raises LinkTimeout past it; LinkClosed as :meth:`FramedLink.recv`).
+    The caller tells the two outcomes apart by ``frame.type``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LinkTimeout(f"no expected frame from {link.peer} within {timeout:.0f}s")
+        f = link.recv(timeout=left)
+        if f.type == error_type or want(f):
+            return f
+
+
+def ask_daemon(t: str, body: dict, timeout: float, *, connect_timeout: float = 10.0) -> Frame:
+    """One request on the daemon's dial socket ($MOLINK_P2P_DIAL) and its reply frame (an engine
+    process asking for a route, a verifier route, or reporting an audit). OSError without a daemon."""
+    dial = os.environ.get("MOLINK_P2P_DIAL")
+    if not dial:
+        raise OSError("not running under a daemon (MOLINK_P2P_DIAL unset)")
+    link = FramedLink.connect(f"unix:{dial}", timeout=connect_timeout)
+    try:
+        link.send(t, body, timeout=connect_timeout)
+        return link.recv(timeout=timeout)
+    finally:
+        link.close()
 
 
 def listen(addr: str, backlog: int = 4) -> socket.socket:

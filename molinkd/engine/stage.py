@@ -568,7 +568,7 @@ def _relay_replies(down: Any, up: Any, index: int) -> None:
 def engine_args_for_stage(model: str, *, dtype: str, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int | None, block_size: int | None, kv_cache_gib: float = 1.0) -> Any:
     from vllm.engine.arg_utils import EngineArgs
 
-    from molinkd.engine.driver import cpu_platform, kv_cache_bytes
+    from molinkd.engine.kvcache import kv_cache_kwargs
 
     kw: dict[str, Any] = dict(
         model=model,
@@ -583,8 +583,7 @@ def engine_args_for_stage(model: str, *, dtype: str, max_model_len: int, max_num
         kw["max_num_batched_tokens"] = max_num_batched_tokens
     if block_size:
         kw["block_size"] = block_size
-    if cpu_platform():
-        kw["kv_cache_memory_bytes"] = kv_cache_bytes(kv_cache_gib)
+    kw.update(kv_cache_kwargs(kv_cache_gib))
     return EngineArgs(**kw)
 
 

@@ -95,3 +95,26 @@ def test_open_ok_checked():
     ]:
         with pytest.raises(FrameError, match=match):
             wire.check_open_ok(bad, session="s", num_blocks=40)
+
+
+def test_recv_within_skips_other_frames_returns_errors_and_times_out():
+    import socket
+
+    from molinkd.engine.link import FramedLink, LinkTimeout, recv_within
+
+    a, b = socket.socketpair()
+    la, lb = FramedLink(a, peer="a"), FramedLink(b, peer="b")
+    try:
+        la.send(wire.RESULT, {"step": 1}, timeout=5)
+        la.send(wire.RESULT, {"step": 2}, timeout=5)
+        f = recv_within(lb, 5, lambda f: f.type == wire.RESULT and f.get("step") == 2, error_type=wire.ERROR)
+        assert f.get("step") == 2
+        la.send(wire.ERROR, {"stage": 1, "message": "no"}, timeout=5)
+        la.send(wire.RESULT, {"step": 3}, timeout=5)
+        f = recv_within(lb, 5, lambda f: f.type == wire.RESULT, error_type=wire.ERROR)
+        assert f.type == wire.ERROR  # an error comes first: the caller sees it
+        with pytest.raises(LinkTimeout):
+            recv_within(lb, 0.2, lambda f: f.get("step") == 99, error_type=wire.ERROR)  # step 3 is skipped
+    finally:
+        la.close()
+        lb.close()
