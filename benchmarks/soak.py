@@ -254,7 +254,7 @@ def run(a: argparse.Namespace) -> dict:
                 fault["ghosts"] = g
                 ghost_count += len(g)
                 d.stop()
-                sw.start(name).wait_ready(timeout=600)
+                sw.start(name).wait_ready(timeout=600, tolerate_failures=True)
             fault["handled_s"] = round(time.monotonic() - t0, 1)
             faults.append(fault)
             for n, d in sw.daemons.items():  # failovers the heads made since (they keep the last 8)

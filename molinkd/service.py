@@ -43,6 +43,7 @@ log = logging.getLogger("molinkd")
 
 DEFAULT_THROUGHPUT = 50.0  # tokens/s announced before anything was measured
 ROUTE_RETRY = 1.0
+HEAD_ROUTE_WAIT = 300.0  # a head loaded while its stages load waits this long for them (< vLLM's 600 s)
 # a route peer missing from the peer table this long (after its record expired) is taken as
 # hung or gone: the head stops its engine and re-plans (requests in flight are resumed)
 ROUTE_PEER_GRACE = 4.0
@@ -486,16 +487,18 @@ async def _run_engine(d: Daemon, *, task_status=trio.TASK_STATUS_IGNORED, extra:
 AVOIDED_LOAD = 1e6  # a peer the engine suspects: routed through only if nothing else serves its span
 
 
-def _stage_records(d: Daemon, avoid: set[str] | frozenset[str] = frozenset()) -> list:
+def _stage_records(d: Daemon, avoid: set[str] | frozenset[str] = frozenset(), *, loading: bool = False) -> list:
     """Route candidates, planned with the speed this head measured (announcements are capped);
-    ``avoid``: peers the head's engine suspects, used only where nothing else serves their span."""
+    ``avoid``: peers the head's engine suspects, used only where nothing else serves their span;
+    ``loading``: stages still loading their layers count too (for a route to expect, not to use)."""
     from molinkd.routing import PeerRecord as RoutePeer
     from molinkd.trust import planning_throughput
 
+    states = ("ready", "loading") if loading else ("ready",)
     out = []
     for r in d.disc.snapshot():
         ex = r.extras or {}
-        if not r.online or r.span_end == 0 or ex.get("role") not in ("stage",) or ex.get("engine") != "ready":
+        if not r.online or r.span_end == 0 or ex.get("role") not in ("stage",) or ex.get("engine") not in states:
             continue
         holder = ex.get("serving_head")
         if holder and holder != d.node.peer_id:
@@ -590,37 +593,68 @@ async def _replan_for_engine(d: Daemon, exclude: list[str], avoid: list[str]) ->
     raise NoRouteError("the stages of every route found were busy or failed their probe")
 
 
+def _expected_stages(d: Daemon) -> int | None:
+    """How many hops a route would have once the stages announced so far (loading ones too) are
+    ready, or None if even they do not cover the model."""
+    from molinkd.routing import NoRouteError, PeerRecord as RoutePeer, plan_route
+
+    me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
+                   model_hash=d.model.model_hash)
+    now = time.monotonic()
+    banned = {p for p, (until, _, _) in d.banned.items() if until > now}
+    try:
+        return len(plan_route(me, _stage_records(d, loading=True), d.model.num_layers, rtts=d.rtts,
+                              banned=banned).hops)
+    except NoRouteError:
+        return None
+
+
 async def _run_head(d: Daemon) -> None:
     """Wait for a route covering the model, start the engine on it; re-plan when it fails (the
-    engine fails over to a new tail by itself while it can: :mod:`molinkd.engine.failover`)."""
+    engine fails over to a new tail by itself while it can: :mod:`molinkd.engine.failover`).
+
+    When the stages that would cover the model are announced but still loading, the engine
+    starts at once with this head's hop alone: it loads its layers meanwhile and asks for the
+    rest of the route when done (up to ``HEAD_ROUTE_WAIT``; after such a start failed, it waits
+    for a ready route first, as it always does when nobody covers the model)."""
     from molinkd.engine.head import pipeline_engine_kwargs
     from molinkd.routing import NoRouteError
 
     backoff = _Backoff()
     announced_wait = False
+    early_failed = False  # an early start found no route in time: wait for one before loading again
     skipped: dict[str, float] = {}
     while True:
+        expected = None
         try:
             hops = await _plan_probed_route(d, skipped)
         except NoRouteError as e:
             d.route_error = str(e)
-            d.engine_state = "waiting for route"
-            if not announced_wait:
-                _say(f"waiting for peers to cover the rest of the model: {e}")
-                announced_wait = True
-            await trio.sleep(ROUTE_RETRY)
-            continue
+            expected = None if early_failed else _expected_stages(d)
+            if expected is None:
+                d.engine_state = "waiting for route"
+                if not announced_wait:
+                    _say(f"waiting for peers to cover the rest of the model: {e}")
+                    announced_wait = True
+                await trio.sleep(ROUTE_RETRY)
+                continue
+            me = d.node.peer_id
+            hops = [{"peer": me, "addr": f"p2p:{me}", "start": 0, "end": d.span[1]}]
+            _say(f"the stages covering layers {d.span[1]}:{d.model.num_layers} are loading: "
+                 "loading this head's layers meanwhile")
         except _Replan:
             continue
         pps = d.cfg.pipeline_parallel_size
-        if pps is not None and pps != len(hops):
+        if pps is not None and expected is None and pps != len(hops):
             log.warning("--pipeline-parallel-size %d differs from the route found (%d stages); using the route",
                         pps, len(hops))
             _say(f"warning: --pipeline-parallel-size {pps} but the route has {len(hops)} stages; using the route")
-        _use_route(d, hops)
+        if expected is None:
+            _use_route(d, hops)
         kwargs = pipeline_engine_kwargs(hops, model_hash=d.model.model_hash, stats_path=d.stats_path,
                                         failover_wait=d.cfg.failover_wait, audit_rate=d.cfg.audit_rate,
-                                        audit_tolerance=d.cfg.audit_tolerance)
+                                        audit_tolerance=d.cfg.audit_tolerance,
+                                        route_wait=HEAD_ROUTE_WAIT if expected else 0.0, expected_stages=expected)
         extra_env = (("MOLINK_P2P_DIAL", d.dial_path),)
         started = time.monotonic()
         with contextlib.suppress(FileNotFoundError):
@@ -629,6 +663,7 @@ async def _run_head(d: Daemon) -> None:
             await _run_engine(d, extra={"extra_kwargs": tuple(kwargs.items()), "extra_env": extra_env},
                               watch=route_watch(d, hops))
         except Exception as e:  # the engine died or could not open the session: re-plan
+            early_failed = expected is not None and d.route is None
             failure = {"message": str(e), "peer": e.peer} if isinstance(e, RouteLost) else _read_failure(d)
             d.engine_error = failure.get("message") or f"{type(e).__name__}: {e}"
             d.engine_state = "restarting"
@@ -806,7 +841,11 @@ async def _run_stage(d: Daemon) -> None:
                 d.disc.announce_now()
                 _say(f"stage ready in {time.monotonic() - t0:.1f}s")
                 await proc.wait()
-            d.engine_error = f"stage process exited with {proc.returncode}; see {log_path}"
+            tail = _tail_lines(log_path, 20)
+            last = next((line for line in reversed(tail) if line.strip()), "")
+            d.engine_error = f"stage process exited with {proc.returncode}: {last[:300]}"
+            # the runtime directory (and this log) goes with the daemon: keep the evidence in ours
+            log.error("stage process exited", extra=logs.kv(code=proc.returncode, log_tail=" | ".join(tail)[-3000:]))
         finally:
             d.stage_addr = None
             if proc.poll() is None:
@@ -819,6 +858,17 @@ async def _run_stage(d: Daemon) -> None:
         d.engine_state = "failed"
         _say(f"{d.engine_error}; restarting in {backoff.delay:.0f}s")
         await backoff.sleep()
+
+
+def _tail_lines(path: Path, n: int) -> list[str]:
+    """The last ``n`` lines of a (small) log file, [] if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            return fh.read().decode(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
 
 
 async def _choose_auto_span(d: Daemon) -> None:

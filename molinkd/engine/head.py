@@ -91,6 +91,8 @@ def pipeline_engine_kwargs(
     failover_wait: float = 30.0,
     audit_rate: float = 0.0,
     audit_tolerance: float = 2.0,
+    route_wait: float = 0.0,
+    expected_stages: int | None = None,
 ) -> dict:
     """Extra ``EngineArgs``/``LLM`` keyword arguments that make the engine a pipeline head.
 
@@ -101,17 +103,21 @@ def pipeline_engine_kwargs(
     (:mod:`molinkd.engine.failover`; routes of ``p2p:`` peers under a daemon) looks for a new tail
     before the pipeline fails; 0 disables it. ``audit_rate``: fraction of the auditable new requests
     whose first step is recomputed on a verifier route (:mod:`molinkd.engine.audit`; 0 disables it,
-    it needs a daemon), ``audit_tolerance``: nats (see :func:`molinkd.audit.judge`). Environment
-    for the EngineCore process (e.g. ``VLLM_CPU_KVCACHE_SPACE``) is the caller's business.
+    it needs a daemon), ``audit_tolerance``: nats (see :func:`molinkd.audit.judge`).
+
+    ``route_wait`` > 0 allows a route of the head's hop alone: the engine loads its own layers
+    first, then asks its daemon for the rest of the route (the stages may still be loading),
+    up to ``route_wait`` seconds; ``expected_stages`` (the route length the daemon expects) sizes
+    the default depth meanwhile.
     """
-    if len(route) < 2:
+    if len(route) < 2 and not (route_wait > 0 and len(route) == 1):
         raise ValueError("a pipeline route needs at least 2 stages; serve single-node otherwise")
     if route[0]["start"] != 0:
         raise ValueError("the head's span must start at layer 0")
     for a, b in itertools.pairwise(route):
         if a["end"] != b["start"]:
             raise ValueError(f"route spans {a['start']}:{a['end']} and {b['start']}:{b['end']} do not meet")
-    depth = default_depth(len(route)) if depth is None else int(depth)
+    depth = default_depth(max(len(route), expected_stages or 2)) if depth is None else int(depth)
     if depth < 2:
         raise ValueError(f"pipeline depth {depth}: at least 2 (vLLM sends sampled tokens back only when pipelined)")
     cfg = {
@@ -129,6 +135,7 @@ def pipeline_engine_kwargs(
         "failover_wait": failover_wait,
         "audit_rate": float(audit_rate),
         "audit_tolerance": float(audit_tolerance),
+        "route_wait": float(route_wait),
     }
     return {
         "distributed_executor_backend": PipelineExecutor,
@@ -235,7 +242,7 @@ class PipelineExecutor(Executor):
         self.cfg = cfg
         self.route = cfg["route"]
         self.num_layers = self.model_config.get_total_num_hidden_layers()
-        if self.route[-1]["end"] != self.num_layers:
+        if len(self.route) > 1 and self.route[-1]["end"] != self.num_layers:
             raise ValueError(f"route ends at layer {self.route[-1]['end']}, the model has {self.num_layers}")
         self.step_timeout = float(cfg["step_timeout"])
         self.session = uuid.uuid4().hex
@@ -284,6 +291,9 @@ class PipelineExecutor(Executor):
         info.report_loaded()
 
         _watch_parent()
+        if len(self.route) == 1:  # loaded while the stages load: now ask the daemon for them
+            self.route = self._wait_for_route(float(cfg.get("route_wait") or 0.0))
+            self._route_peers = frozenset(h["peer"] for h in self.route)
         try:
             first = self.route[1]
             self.link = FramedLink.connect(first["addr"], timeout=float(cfg["connect_timeout"]),
@@ -307,6 +317,26 @@ class PipelineExecutor(Executor):
             self.step_stats.record_failure(msg, self.route[1]["peer"])
             raise PipelineError(msg) from None
         log.info("pipeline session %s: %s", self.session[:8], self.remote_stages)
+
+    def _wait_for_route(self, wait: float) -> list[dict]:
+        """The whole route from the daemon, asked once a second for up to ``wait`` s (the stages
+        may still be loading their layers)."""
+        from molinkd.engine.failover import RouteUnavailable, ask_route
+
+        deadline = time.monotonic() + wait
+        last = "no answer yet"
+        while True:
+            try:
+                route = ask_route(self, set(), set())
+                log.info("route after loading: %s", [f"{h['start']}:{h['end']}" for h in route])
+                return route
+            except (RouteUnavailable, OSError) as e:
+                last = str(e)
+            if time.monotonic() >= deadline:
+                msg = f"no route within {wait:.0f}s of loading this head's layers: {last}"
+                self.step_stats.record_failure(msg, None)
+                raise PipelineError(msg)
+            time.sleep(1.0)
 
     def _session_body(self, num_blocks: int, *, session: str | None = None, route: list[dict] | None = None) -> dict:
         from molinkd.engine import wire

@@ -105,7 +105,7 @@ def swarm(tmp_path_factory, model_dir, f32_reference_job):
         assert line.startswith("READY"), line
         evil_id = line.split()[1]
         wait_for(lambda: evil_id in {p["peer_id"] for p in c.status()["peers"]}, 30, "the evil peer to be seen")
-        # the head starts while the stages load (its own engine loads once a route is ready)
+        # the head starts while the stages load (it loads its own layers meanwhile)
         a = Daemon(["--layers", "0:10", "--bootstrap", boot, "--failover-wait", "240", *OPTS], tmp, name="a")
         daemons.append(a)
         for d in (c, b1, b2, a):
@@ -260,6 +260,8 @@ def test_two_heads_share_the_swarm(swarm, f32_reference):
     try:
         c2.wait_ready(timeout=600)
         head2.wait_ready(timeout=600)
+        # c2 was still loading when head2 planned: head2 loaded its layers meanwhile, then took the route
+        assert "loading this head's layers meanwhile" in head2.log_path.read_text(errors="replace")
         ids = swarm.ids()
         assert swarm.a.status()["route"][2] == ids["c"]
         assert head2.status()["route"][1:] == [spare.status()["peer_id"], c2.status()["peer_id"]]

@@ -204,3 +204,14 @@ def test_long_prompts_are_prefilled_in_depth_chunks():
     assert step_token_budget(300, 8, [(4096, 4096)], 2) == 300
     assert step_token_budget(2048, 8, [], 2) == 2048
     assert step_token_budget(2048, 0, [(16, 16)] * 16, 2) == 256
+
+
+def test_a_head_may_start_on_its_own_hop_only_when_it_waits_for_the_rest():
+    from molinkd.engine.head import CONFIG_KEY, pipeline_engine_kwargs
+
+    me = [{"peer": "h", "addr": "p2p:h", "start": 0, "end": 10}]
+    with pytest.raises(ValueError, match="at least 2 stages"):
+        pipeline_engine_kwargs(me)
+    kw = pipeline_engine_kwargs(me, route_wait=300.0, expected_stages=3)
+    assert kw["additional_config"][CONFIG_KEY]["route_wait"] == 300.0
+    assert kw["pipeline_parallel_size"] == 3  # the depth of the route it expects, not of its lone hop
