@@ -373,6 +373,18 @@ class Subscription:
         return await self.__anext__()
 
 
+def pubsub_fault(*, has_stream: bool, stream_on_live_conn: bool, queue_open: bool) -> str | None:
+    """What is wrong with a connected peer's pubsub registration, or None (pure: see
+    :meth:`Node._pubsub_repair_loop`)."""
+    if not has_stream:
+        return "connected without a pubsub stream"
+    if not stream_on_live_conn:
+        return "its pubsub stream is on a connection that is gone"
+    if not queue_open:
+        return "nothing sends to it any more"
+    return None
+
+
 class Node:
     """A running libp2p host. Created by :func:`open_node`; do not construct directly."""
 
@@ -396,6 +408,7 @@ class Node:
         self.refused_streams: collections.Counter[str] = collections.Counter()  # protocol -> count
         self._source_bucket = TokenBucket(cfg.gossip_source_rate, cfg.gossip_source_burst)
         self.dropped_source_rate = 0
+        self.pubsub_repairs = 0  # peers whose pubsub stream we re-registered (see _pubsub_repair_loop)
 
     def peer_allowed(self, peer_id: str) -> bool:
         """Whether ``peer_id`` may connect, open streams and publish (``--allow-peers``; everyone
@@ -413,6 +426,7 @@ class Node:
             "refused_streams_by_protocol": dict(self.refused_streams),
             "dropped_pubsub_forwarder_rate": getattr(self.pubsub, "dropped_forwarder_rate", 0),
             "dropped_pubsub_source_rate": self.dropped_source_rate,
+            "pubsub_repairs": self.pubsub_repairs,
         }
 
     @property
@@ -619,6 +633,62 @@ class Node:
 
     # -- bootstrap
 
+    # -- pubsub health
+
+    def _pubsub_state(self) -> list[tuple[Any, str]]:
+        """(peer, what is wrong) for every connected peer whose pubsub registration is broken."""
+        net = self._host.get_network()
+        out = []
+        for pid, conns in list(net.connections.items()):
+            conns = conns if isinstance(conns, list) else [conns]
+            live = {id(getattr(c, "muxed_conn", None)) for c in conns
+                    if not getattr(getattr(c, "muxed_conn", None), "is_closed", False)}
+            if not live:
+                continue
+            stream = self.pubsub.peers.get(pid)
+            queue = getattr(self.pubsub, "peer_queues", {}).get(pid)
+            why = pubsub_fault(has_stream=stream is not None,
+                               stream_on_live_conn=stream is not None and id(getattr(stream, "muxed_conn", None)) in live,
+                               queue_open=queue is not None and not getattr(queue, "closed", False))
+            if why:
+                out.append((pid, why))
+        return out
+
+    async def _pubsub_repair_loop(self, period: float = 5.0) -> None:
+        """py-libp2p keeps one pubsub stream per peer id. A peer that restarts with the same
+        identity can reconnect before the old connection's death is processed: the old stream
+        stays registered (so the new connection gets none), or its sending task ends without
+        cleanup; either way nothing is sent to that peer again and a restarted daemon hears
+        nobody (seen in a churn soak: a restarted head saw no peer for 10 minutes). Seen twice in
+        a row, the peer is disconnected and dialed again: a fresh connection rebuilds pubsub state
+        on both sides (re-registering only our side would not: we forgot its subscriptions)."""
+        suspect: set[Any] = set()
+        while True:
+            await trio.sleep(period)
+            try:
+                broken = dict(self._pubsub_state())
+            except Exception as e:  # library internals moved: say so once per period, keep going
+                log.debug("pubsub health check failed: %s", e)
+                continue
+            for pid, why in broken.items():
+                if pid not in suspect:
+                    continue
+                self.pubsub_repairs += 1
+                log.warning("reconnecting %s: %s", pid.to_base58(), why)
+                self._nursery.start_soon(self._reconnect, pid)
+            suspect = set(broken)
+
+    async def _reconnect(self, pid: Any) -> None:
+        net = self._host.get_network()
+        addrs = []
+        with contextlib.suppress(Exception):
+            addrs = [str(a) for a in self._host.get_peerstore().addrs(pid)]
+        with contextlib.suppress(Exception), trio.move_on_after(10):
+            await net.close_peer(pid)
+        await trio.sleep(0.5)
+        with contextlib.suppress(DialError):  # else the peer dials us (its bootstrap loop or discovery)
+            await self.connect(pid.to_base58(), addrs)
+
     async def _bootstrap_loop(self, st: BootstrapState, addr_no_p2p: str) -> None:
         """Keep one bootstrap peer connected: retry forever with exponential backoff + jitter."""
         delay = self.cfg.bootstrap_backoff_initial
@@ -724,6 +794,7 @@ async def _open_node(cfg: NodeConfig) -> AsyncIterator[Node]:
                 holder.append(node)
                 if cfg.allow_peers is not None:
                     host.get_network().register_notifee(AllowNotifee(node))
+                nursery.start_soon(node._pubsub_repair_loop)
                 for st, addr in boots:
                     if st.peer_id == node.peer_id:
                         continue  # a node listed as its own bootstrap
