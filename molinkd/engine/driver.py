@@ -251,6 +251,34 @@ def _logprobs_to_wire(entries: Any, token_ids: Any, k: int) -> list | None:
     return out
 
 
+ENGINE_ABORTED = "the engine aborted the request (it is stopping or restarting)"
+
+
+def delta_event(o: Any, top_logprobs: int) -> dict:
+    """The ``delta`` event of one vLLM ``CompletionOutput`` (DELTA kind). A request this backend
+    did not abort (a client leaving cancels the stream instead) but that vLLM finished with
+    "abort" was cut by the engine stopping: its tokens so far are yielded by the caller only
+    through a retryable error, so a gateway or the resume path continues it elsewhere; it is
+    never passed on as a finished answer (a soak saw stopping heads hand out truncated ones)."""
+    if o.finish_reason == "abort":
+        raise APIError(503, ENGINE_ABORTED, retryable=True)
+    return {
+        "ev": "delta",
+        "index": o.index,
+        "text": o.text,
+        "token_ids": list(o.token_ids),
+        "logprobs": _logprobs_to_wire(o.logprobs, o.token_ids, top_logprobs),
+        "finish_reason": o.finish_reason,
+    }
+
+
+def check_all_finished(finished: set[int], n: int) -> None:
+    """The engine's output stream ended: every choice must have its finish reason by now."""
+    if len(finished) < n:
+        raise APIError(503, f"the engine's output ended before {n - len(finished)} of {n} choice(s) finished "
+                            "(it is stopping or restarting)", retryable=True)
+
+
 def _client_error() -> type:
     """vLLM's "the request is invalid" exception (not a ValueError in 0.32)."""
     try:
@@ -363,6 +391,7 @@ class LocalBackend:
         request_id = req.request_id or uuid.uuid4().hex
         n = params.n
         completion_tokens = 0
+        finished: set[int] = set()
         self.active += 1
         self.total_requests += 1
         try:
@@ -379,14 +408,11 @@ class LocalBackend:
                     for o in val.outputs:
                         completion_tokens += len(o.token_ids)
                         self.throughput.add(len(o.token_ids))
-                        yield {
-                            "ev": "delta",
-                            "index": o.index,
-                            "text": o.text,
-                            "token_ids": list(o.token_ids),
-                            "logprobs": _logprobs_to_wire(o.logprobs, o.token_ids, params.logprobs or 0),
-                            "finish_reason": o.finish_reason,
-                        }
+                        ev = delta_event(o, params.logprobs or 0)
+                        if ev["finish_reason"] is not None:
+                            finished.add(o.index)
+                        yield ev
+            check_all_finished(finished, n)
             yield {"ev": "end", "prompt_tokens": len(ids), "completion_tokens": completion_tokens}
         finally:
             self.active -= 1
