@@ -38,7 +38,7 @@ def main() -> int:
     single = run_driver({**base, "route": None})["bench"]
     spans = [(s.start, s.end) for s in even_split(30, a.stages)]
     with tempfile.TemporaryDirectory() as tmp:
-        extra_for = (lambda i: ["--listen", f"tcp:127.0.0.1:0"]) if a.transport == "tcp" else (lambda i: [])
+        extra_for = (lambda i: ["--listen", "tcp:127.0.0.1:0"]) if a.transport == "tcp" else (lambda i: [])
         stages = [
             Stage(model, f"{s}:{e}", Path(tmp), dtype=a.dtype, extra=extra_for(i)) for i, (s, e) in enumerate(spans[1:])
         ]

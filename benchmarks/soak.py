@@ -298,7 +298,8 @@ def run(a: argparse.Namespace) -> dict:
         "errors": sorted({r["error"] for r in results if r["error"]})[:10],
         "silent_failures": len(silent), "token_count_mismatch": len(wrong_count),
         "text_mismatch": len(wrong_text), "ghost_peers": ghost_count,
-        "mismatches": [_mismatch(r, refs[r["prompt"]]["text"], t_start) for r in (wrong_count + wrong_text)[:10]],
+        "mismatches": [_mismatch(r, refs[r["prompt"]]["text"], t_start)
+                       for r in [*wrong_count, *(r for r in wrong_text if r not in wrong_count)][:10]],
         "gap_s_p50": round(statistics.median(gaps), 3), "gap_s_p99": round(gaps[int(0.99 * (len(gaps) - 1))], 3),
         "gap_s_max": round(gaps[-1], 3),
         "rss_mb_start": {n: round(v[0], 1) for n, v in usage0.items()},
@@ -312,7 +313,7 @@ def _mismatch(r: dict, ref: str, t_start: float) -> dict:
     """What a wrong answer looked like: where it left the reference, when, through which entry point."""
     got = r["text"]
     at = next((i for i, (x, y) in enumerate(zip(got, ref)) if x != y), min(len(got), len(ref)))
-    return {"url": r["url"], "prompt": r["prompt"], "tokens": r["tokens"], "diverges_at_char": at,
+    return {"url": r["url"], "prompt": r["prompt"], "tokens": r["tokens"], "finish": r["finish"], "diverges_at_char": at,
             "reference": ref, "got": got, "t0": round(r["t0"] - t_start, 1), "t1": round(r["t1"] - t_start, 1)}
 
 
@@ -352,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {n:7s} rss {r['rss_mb_start'][n]:8.1f} -> {r['rss_mb_end'].get(n, 0):8.1f} MiB   "
               f"fds {r['fds_start'][n]} -> {r['fds_end'].get(n)}")
     for m in r["mismatches"]:
-        print(f"  MISMATCH {m['t0']}-{m['t1']} s via {m['url']}: {m['prompt']!r} diverges at char {m['diverges_at_char']}\n"
+        print(f"  MISMATCH {m['t0']}-{m['t1']} s via {m['url']}: {m['prompt']!r} ({m['tokens']} tokens, finish "
+              f"{m['finish']}) diverges at char {m['diverges_at_char']}\n"
               f"    reference {m['reference']!r}\n    got       {m['got']!r}")
     if a.json:
         print(json.dumps(r))
