@@ -128,13 +128,21 @@ def test_molink_bench_end_to_end_json_last_line():
 def test_interrupted_bench_stops_every_daemon_and_removes_its_files(sig):
     before = _molinkd_pids()
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # SIGINT as a user's Ctrl-C sees it: an ignored SIGINT of the test runner's worker would be
+    # inherited (and Python installs no handler for an ignored signal)
     p = subprocess.Popen([sys.executable, "-m", "cli.molink", "bench", "--max-tokens", "8", "--batch", "1"],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
-        while not (_molinkd_pids() - before) and time.monotonic() < deadline and p.poll() is None:
+
+        def bench_daemons() -> set:
+            # only the bench's own daemons (its work directory): tests running alongside start theirs
+            return {pid for pid in _molinkd_pids() - before if any("/molink-bench-" in c for c in _cmdline(pid))}
+
+        while not bench_daemons() and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.2)
-        started = _molinkd_pids() - before
+        started = bench_daemons()
         assert started, "molink bench started no daemon"
         workdirs = {c.split("/molink-bench-")[0] + "/molink-bench-" + c.split("/molink-bench-")[1].split("/")[0]
                     for pid in started for c in _cmdline(pid) if "/molink-bench-" in c}

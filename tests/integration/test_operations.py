@@ -109,6 +109,9 @@ class Screen:
         env = dict(os.environ, TERM="xterm-256color", COLUMNS=str(cols), LINES=str(rows), PYTHONPATH=str(REPO))
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child: the pty is its controlling terminal
+            # Ctrl-C must reach it whatever the test runner's worker did with SIGINT (an ignored
+            # signal stays ignored across exec, and Python then installs no handler for it)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.chdir(REPO)
             os.execvpe(argv[0], argv, env)
         import fcntl
