@@ -529,21 +529,30 @@ def _uncovered(d: Daemon, banned: set[str]) -> str:
     return ", ".join(f"{max(a, d.span[1])}:{b}" for a, b in holes) or "none (spans do not chain)"
 
 
+def _head_hop(d: Daemon) -> Any:
+    """This head as the first hop of a route to plan."""
+    from molinkd.routing import PeerRecord as RoutePeer
+
+    return RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
+                     model_hash=d.model.model_hash)
+
+
+def _banned_now(d: Daemon) -> set[str]:
+    now = time.monotonic()
+    return {p for p, (until, _, _) in d.banned.items() if until > now}
+
+
 async def _plan_probed_route(d: Daemon, skipped: dict[str, float], avoid: set[str] = frozenset(),
                              exclude: set[str] = frozenset()) -> list[dict]:
     """A route for this head through stages that answer a probe (head first, ``p2p:`` addresses),
     never through ``exclude``. Raises NoRouteError naming the layers nobody serves, or _Replan after
     probing."""
-    from molinkd.routing import NoRouteError, PeerRecord as RoutePeer, plan_route, route_to_dicts
+    from molinkd.routing import NoRouteError, plan_route, route_to_dicts
 
-    me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
-                   model_hash=d.model.model_hash)
     now = time.monotonic()
-    banned = {p for p, (until, _, _) in d.banned.items() if until > now}
-    banned |= {p for p, until in skipped.items() if until > now}
-    banned |= set(exclude)
+    banned = _banned_now(d) | {p for p, until in skipped.items() if until > now} | set(exclude)
     try:
-        route = plan_route(me, _stage_records(d, avoid), d.model.num_layers, rtts=d.rtts, banned=banned)
+        route = plan_route(_head_hop(d), _stage_records(d, avoid), d.model.num_layers, rtts=d.rtts, banned=banned)
     except NoRouteError as e:
         raise NoRouteError(f"layers {_uncovered(d, banned)} are served by no usable peer ({e})") from None
     bad, busy = await _probe_route(d, route)
@@ -596,15 +605,11 @@ async def _replan_for_engine(d: Daemon, exclude: list[str], avoid: list[str]) ->
 def _expected_stages(d: Daemon) -> int | None:
     """How many hops a route would have once the stages announced so far (loading ones too) are
     ready, or None if even they do not cover the model."""
-    from molinkd.routing import NoRouteError, PeerRecord as RoutePeer, plan_route
+    from molinkd.routing import NoRouteError, plan_route
 
-    me = RoutePeer(peer_id=d.node.peer_id, span_start=0, span_end=d.span[1], throughput=DEFAULT_THROUGHPUT,
-                   model_hash=d.model.model_hash)
-    now = time.monotonic()
-    banned = {p for p, (until, _, _) in d.banned.items() if until > now}
     try:
-        return len(plan_route(me, _stage_records(d, loading=True), d.model.num_layers, rtts=d.rtts,
-                              banned=banned).hops)
+        return len(plan_route(_head_hop(d), _stage_records(d, loading=True), d.model.num_layers, rtts=d.rtts,
+                              banned=_banned_now(d)).hops)
     except NoRouteError:
         return None
 

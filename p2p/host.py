@@ -408,7 +408,7 @@ class Node:
         self.refused_streams: collections.Counter[str] = collections.Counter()  # protocol -> count
         self._source_bucket = TokenBucket(cfg.gossip_source_rate, cfg.gossip_source_burst)
         self.dropped_source_rate = 0
-        self.pubsub_repairs = 0  # peers whose pubsub stream we re-registered (see _pubsub_repair_loop)
+        self.pubsub_repairs = 0  # peers reconnected for a broken pubsub registration (_pubsub_repair_loop)
 
     def peer_allowed(self, peer_id: str) -> bool:
         """Whether ``peer_id`` may connect, open streams and publish (``--allow-peers``; everyone
@@ -454,11 +454,15 @@ class Node:
             return False
 
     def _has_conn(self, pid: ID) -> bool:
-        conns = self._host.get_network().connections.get(pid)
+        return bool(self._live_muxed(self._host.get_network().connections.get(pid)))
+
+    @staticmethod
+    def _live_muxed(conns: Any) -> list[Any]:
+        """The open muxed connections among a peer's entry in the network's connection table."""
         if not conns:
-            return False
+            return []
         conns = conns if isinstance(conns, list) else [conns]
-        return any(not getattr(getattr(c, "muxed_conn", None), "is_closed", False) for c in conns)
+        return [m for c in conns if not getattr(m := getattr(c, "muxed_conn", None), "is_closed", False)]
 
     def security_protocols(self) -> dict[str, Any]:
         """The connection security and muxer protocols this host negotiates (for /status and
@@ -631,8 +635,6 @@ class Node:
     def topic_peers(self, topic: str) -> list[str]:
         return [p.to_base58() for p in self.pubsub.peer_topics.get(topic, ())]
 
-    # -- bootstrap
-
     # -- pubsub health
 
     def _pubsub_state(self) -> list[tuple[Any, str]]:
@@ -640,9 +642,7 @@ class Node:
         net = self._host.get_network()
         out = []
         for pid, conns in list(net.connections.items()):
-            conns = conns if isinstance(conns, list) else [conns]
-            live = {id(getattr(c, "muxed_conn", None)) for c in conns
-                    if not getattr(getattr(c, "muxed_conn", None), "is_closed", False)}
+            live = {id(m) for m in self._live_muxed(conns)}
             if not live:
                 continue
             stream = self.pubsub.peers.get(pid)
@@ -688,6 +688,8 @@ class Node:
         await trio.sleep(0.5)
         with contextlib.suppress(DialError):  # else the peer dials us (its bootstrap loop or discovery)
             await self.connect(pid.to_base58(), addrs)
+
+    # -- bootstrap
 
     async def _bootstrap_loop(self, st: BootstrapState, addr_no_p2p: str) -> None:
         """Keep one bootstrap peer connected: retry forever with exponential backoff + jitter."""

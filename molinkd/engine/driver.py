@@ -257,9 +257,9 @@ ENGINE_ABORTED = "the engine aborted the request (it is stopping or restarting)"
 def delta_event(o: Any, top_logprobs: int) -> dict:
     """The ``delta`` event of one vLLM ``CompletionOutput`` (DELTA kind). A request this backend
     did not abort (a client leaving cancels the stream instead) but that vLLM finished with
-    "abort" was cut by the engine stopping: its tokens so far are yielded by the caller only
-    through a retryable error, so a gateway or the resume path continues it elsewhere; it is
-    never passed on as a finished answer (a soak saw stopping heads hand out truncated ones)."""
+    "abort" was cut by the engine stopping: it becomes a retryable error (the tokens of that last
+    output are not passed on; the gateway or the resume path continues from the tokens already
+    sent, elsewhere), never a finished answer (a soak saw stopping heads hand out truncated ones)."""
     if o.finish_reason == "abort":
         raise APIError(503, ENGINE_ABORTED, retryable=True)
     return {
