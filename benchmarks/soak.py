@@ -164,8 +164,7 @@ class Swarm:
 
     def stop_all(self) -> None:
         for d in self.daemons.values():
-            with _suppress():
-                os.killpg(d.proc.pid, signal.SIGCONT)
+            d.signal_machine(signal.SIGCONT)
             with _suppress():
                 d.stop(timeout=20)
 
@@ -237,16 +236,19 @@ def run(a: argparse.Namespace) -> dict:
             t0 = time.monotonic()
             fault = {"t": round(t0 - t_start, 1), "peer": name, "fault": kind, "wall": time.time()}
             print(f"[soak] {fault['t']:7.1f}s {kind} {name}", file=sys.stderr, flush=True)
-            if kind == "SIGSTOP":
-                os.killpg(d.proc.pid, signal.SIGSTOP)
+            if kind == "SIGSTOP":  # the machine hangs
+                d.signal_machine(signal.SIGSTOP)
                 time.sleep(a.stop_seconds)
-                os.killpg(d.proc.pid, signal.SIGCONT)
-            else:
-                os.killpg(d.proc.pid, getattr(signal, kind))
+                d.signal_machine(signal.SIGCONT)
+            else:  # SIGKILL: the machine crashes; SIGTERM: the operator stops the peer (it drains)
+                if kind == "SIGKILL":
+                    d.signal_machine(signal.SIGKILL)
+                else:
+                    os.killpg(d.proc.pid, signal.SIGTERM)
                 with _suppress():
                     d.proc.wait(timeout=60)
                 if d.proc.poll() is None:
-                    os.killpg(d.proc.pid, signal.SIGKILL)
+                    d.signal_machine(signal.SIGKILL)
                     d.proc.wait(timeout=10)
                 time.sleep(2 * ttl)
                 survivors = [n for n in sw.daemons if n != name]

@@ -87,23 +87,37 @@ class Daemon:
             return ""
 
     def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (the daemon drains), SIGKILL after ``timeout``; its engine processes go too."""
+        from molinkd.bench.procs import stop_daemons
+
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+            stop_daemons([self.proc], timeout)
         self._log.close()
         return self.proc.returncode
 
+    def signal_machine(self, sig: int) -> None:
+        """``sig`` to the daemon and every process it started, as if its machine crashed (SIGKILL)
+        or hung (SIGSTOP, SIGCONT): its engine processes live in process groups of their own."""
+        import psutil
+
+        kids: list = []
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+            os.killpg(self.proc.pid, sig)
+        except (psutil.Error, ProcessLookupError):
+            pass
+        for k in kids:
+            try:
+                k.send_signal(sig)
+            except psutil.Error:
+                pass
+
     def kill(self) -> None:
+        """SIGKILL, as a crash: the daemon and its engine processes."""
+        from molinkd.bench.procs import stop_daemons
+
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+            stop_daemons([self.proc], 0, signal.SIGKILL)
 
 
 def wait_for(pred, timeout: float, what: str, step: float = 0.3):

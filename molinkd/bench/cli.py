@@ -70,6 +70,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="pipeline depth (micro-batches in flight) for the head; default: the head's choice")
     b.add_argument("--spans", type=_spans, default=None, metavar="S:E,...",
                    help="the stages' layer spans (default: an even split), e.g. 0:17,17:30")
+    b.add_argument("--long-prompt", type=_positive(int), default=0, metavar="TOKENS",
+                   help="also measure each batch while a prompt of about this many tokens arrives mid-decode: "
+                        "the decoding requests' p99 gap between tokens, against the undisturbed one")
     b.add_argument("--no-baseline", action="store_true", help="skip the single-node measurement")
     b.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded model)")
     b.add_argument("--json", action="store_true", help="end with one JSON line holding the results")
@@ -81,5 +84,6 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     o = BenchOptions(stages=args.stages, batches=args.batch, max_tokens=args.max_tokens, prompt_len=args.prompt_len,
                      cores_per_peer=args.cores_per_peer, rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit,
-                     depth=args.depth, model=args.model, spans=args.spans, skip_baseline=args.no_baseline)
+                     depth=args.depth, model=args.model, spans=args.spans, skip_baseline=args.no_baseline,
+                     long_prompt=args.long_prompt)
     return run(o, as_json=args.json)

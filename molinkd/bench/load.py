@@ -2,7 +2,10 @@
 completions (``ignore_eos``, greedy) against a peer's OpenAI API, timed per token as they arrive.
 
 ``run_batch`` returns a :class:`BatchResult`: output tokens/s over the wall time of the whole
-batch, time to first token and time per output token of each request. Pure summaries
+batch, time to first token and time per output token of each request. With ``long_prompt`` it
+also sends one prompt of that many tokens once every request of the batch is decoding, and
+reports the gaps between tokens the decoding requests saw while that prompt was prefilled
+(:func:`gaps_during`): prefill must not stall decode. Pure summaries
 (percentiles, prompts) are separate from the HTTP edge so they can be tested without sockets.
 """
 
@@ -63,11 +66,23 @@ class RequestTiming:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
 
+def gaps_during(requests: list[RequestTiming], start: float, end: float) -> list[float]:
+    """Gaps between consecutive tokens of ``requests`` whose interval overlaps [start, end]: what
+    a decoding client waited while something else (a long prefill) ran."""
+    out = []
+    for r in requests:
+        for a, b in zip(r.token_times, r.token_times[1:]):
+            if b >= start and a <= end:
+                out.append(b - a)
+    return out
+
+
 @dataclass
 class BatchResult:
     batch: int
     wall_s: float
     requests: list[RequestTiming]
+    long: RequestTiming | None = None  # the long prompt sent while the batch decoded, if any
 
     @property
     def tokens(self) -> int:
@@ -86,7 +101,7 @@ class BatchResult:
         def rnd(x: float | None, n: int = 1) -> float | None:
             return None if x is None else round(x, n)
 
-        return {
+        out = {
             "batch": self.batch,
             "tok_s": rnd(self.tok_s, 2),
             "tokens": self.tokens,
@@ -96,6 +111,14 @@ class BatchResult:
             "gap_ms_p99": rnd(percentile(gaps, 99), 1),
             "prompt_tokens": round(sum(prompt) / len(prompt)) if prompt else None,
         }
+        if self.long is not None and self.long.ttft is not None:
+            # the decoders' gaps while the long prompt was prefilled (sent .. its first token)
+            during = [g * 1000 for g in gaps_during(self.requests, self.long.start, self.long.token_times[0])]
+            out.update({"long_prompt_tokens": self.long.prompt_tokens, "long_ttft_ms": rnd(self.long.ttft * 1000),
+                        "long_gap_ms_p99": rnd(percentile(during, 99), 1),
+                        "long_gap_ms_max": rnd(max(during), 1) if during else None,
+                        "long_gaps": len(during)})
+        return out
 
 
 def parse_sse_line(line: str) -> dict | None:
@@ -112,10 +135,12 @@ def parse_sse_line(line: str) -> dict | None:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
-                      headers: dict | None = None) -> RequestTiming:
+                      headers: dict | None = None, timing: RequestTiming | None = None) -> RequestTiming:
+    """One streamed greedy completion; ``timing`` (filled as tokens arrive) lets others watch it."""
     body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    t = RequestTiming(start=time.perf_counter())
+    t = timing or RequestTiming(start=0.0)
+    t.start = time.perf_counter()
     streamed = 0
     async with client.stream("POST", url + "/v1/completions", json=body, headers=headers or {}) as r:
         if r.status_code != 200:
@@ -142,19 +167,34 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     return t
 
 
+LONG_AFTER_TOKENS = 4  # the long prompt is sent once every request of the batch has this many tokens
+
+
 async def run_batch(url: str, batch: int, max_tokens: int, prompt_len: int, *, timeout: float = 1800.0,
-                    headers: dict | None = None) -> BatchResult:
-    """``batch`` concurrent streamed requests; the wall time runs from the first send to the last token."""
-    results: list[RequestTiming | None] = [None] * batch
-    limits = httpx.Limits(max_connections=batch + 4, max_keepalive_connections=batch + 4)
+                    headers: dict | None = None, long_prompt: int = 0) -> BatchResult:
+    """``batch`` concurrent streamed requests; the wall time runs from the first send to the last
+    token. ``long_prompt`` > 0: one more request with a prompt of about that many tokens (and 2
+    new tokens) is sent once every request of the batch has ``LONG_AFTER_TOKENS`` tokens; its
+    tokens do not count in tok/s."""
+    timings = [RequestTiming(start=0.0) for _ in range(batch)]
+    long = RequestTiming(start=0.0) if long_prompt else None
+    limits = httpx.Limits(max_connections=batch + 5, max_keepalive_connections=batch + 5)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0), limits=limits) as client:
         t0 = time.perf_counter()
         with trio.fail_after(timeout):
             async with trio.open_nursery() as nursery:
                 async def one(i: int) -> None:
-                    results[i] = await one_request(client, url, make_prompt(i, prompt_len), max_tokens, headers)
+                    await one_request(client, url, make_prompt(i, prompt_len), max_tokens, headers, timings[i])
+
+                async def send_long() -> None:
+                    while min(len(t.token_times) for t in timings) < min(LONG_AFTER_TOKENS, max_tokens - 1):
+                        await trio.sleep(0.005)
+                    await one_request(client, url, make_prompt(batch, long_prompt), 2, headers, long)
 
                 for i in range(batch):
                     nursery.start_soon(one, i)
-        wall = time.perf_counter() - t0
-    return BatchResult(batch=batch, wall_s=wall, requests=[r for r in results if r is not None])
+                if long is not None:
+                    nursery.start_soon(send_long)
+        wall = max(t.token_times[-1] for t in timings) - t0 if all(t.token_times for t in timings) else \
+            time.perf_counter() - t0
+    return BatchResult(batch=batch, wall_s=wall, requests=timings, long=long)

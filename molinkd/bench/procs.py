@@ -4,6 +4,7 @@ runner calls in ``finally`` blocks, so an interrupted benchmark leaves no proces
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -108,27 +109,43 @@ class Procs:
         self._stop_many(list(self.daemons), grace)
 
     def _stop_many(self, ds: list[DaemonProc], grace: float) -> None:
-        """SIGTERM each daemon's group (the daemon, its engine and stage processes), wait, SIGKILL
-        what is left. Synchronous and bounded: safe in ``finally`` after a cancellation."""
+        stop_daemons([d.proc for d in ds], grace)
         for d in ds:
-            _signal_group(d.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for d in ds:
-            try:
-                d.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for d in ds:
-            # the group may outlive its leader (an engine process still shutting down)
-            _signal_group(d.proc.pid, signal.SIGKILL)
-            try:
-                d.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
             if d._log is not None:
                 d._log.close()  # type: ignore[attr-defined]
             if d in self.daemons:
                 self.daemons.remove(d)
+
+
+def stop_daemons(procs: list[subprocess.Popen], grace: float = 25.0, sig: int = signal.SIGTERM) -> None:
+    """Stop daemons started in process groups of their own, and every process they started.
+    Synchronous and bounded: safe in ``finally`` after a cancellation.
+
+    ``sig`` (SIGTERM: drain) goes to each daemon's process group; what is left after ``grace``
+    gets SIGKILL. A daemon's engine processes (vLLM's EngineCore, a stage process) live in groups
+    of their own (:mod:`molinkd.engine.watchdog`): the daemon stops them, or they exit within a
+    second of its death; any still running after that are killed here."""
+    import psutil
+
+    engines = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            engines += psutil.Process(p.pid).children(recursive=True)
+    for p in procs:
+        _signal_group(p.pid, sig)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        _signal_group(p.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=10)
+    _, alive = psutil.wait_procs(engines, timeout=5)
+    for e in alive:
+        with contextlib.suppress(psutil.Error):
+            e.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -47,6 +47,7 @@ class BenchOptions:
     model: str | None = None
     skip_baseline: bool = False
     spans: tuple[tuple[int, int], ...] | None = None  # explicit stage spans (default: an even split)
+    long_prompt: int = 0  # > 0: also measure each batch with a prompt of this many tokens arriving mid-decode
 
     @property
     def linked(self) -> bool:
@@ -65,6 +66,8 @@ class BenchOptions:
             raise BenchError(f"--spans gives {len(self.spans)} spans for {self.stages} stages")
         if self.rtt_ms < 0 or (self.rate_mbit is not None and self.rate_mbit <= 0):
             raise BenchError("--rtt-ms must be >= 0 and --rate-mbit > 0")
+        if self.long_prompt < 0 or self.long_prompt > 16384:
+            raise BenchError("--long-prompt must be between 0 and 16384 tokens")
 
 
 @dataclass
@@ -95,6 +98,8 @@ def spans_for(num_layers: int, o: BenchOptions) -> list[tuple[int, int]]:
 
 def _common_args(o: BenchOptions) -> list[str]:
     args = ["--max-num-seqs", str(max(32, max(o.batches)))]
+    if o.long_prompt:  # room for the long prompt (its token count is approximate) and its answer
+        args += ["--max-model-len", str(max(2048, -(-(o.long_prompt + 128) // 256) * 256))]
     if o.model:
         args += ["--model", o.model]
     return args
@@ -104,9 +109,16 @@ async def _measure(client: httpx.AsyncClient, d: DaemonProc, o: BenchOptions, se
     await run_batch(d.url, 1, 4, o.prompt_len)  # warm-up (first-request costs stay out of the numbers)
     for b in o.batches:
         res: BatchResult = await run_batch(d.url, b, o.max_tokens, o.prompt_len)
-        setup.rows[b] = res.summary()
-        _say(f"{setup.name:14s} batch {b:3d}: {res.tok_s:8.1f} tok/s  ttft p50 {setup.rows[b]['ttft_ms_p50']} ms"
-             f"  tpot p50 {setup.rows[b]['tpot_ms_p50']} ms")
+        row = setup.rows[b] = res.summary()
+        _say(f"{setup.name:14s} batch {b:3d}: {res.tok_s:8.1f} tok/s  ttft p50 {row['ttft_ms_p50']} ms"
+             f"  tpot p50 {row['tpot_ms_p50']} ms  gap p99 {row['gap_ms_p99']} ms")
+        if o.long_prompt:
+            disturbed = (await run_batch(d.url, b, o.max_tokens, o.prompt_len, long_prompt=o.long_prompt)).summary()
+            row.update({k: v for k, v in disturbed.items() if k.startswith("long_")})
+            row["long_gap_vs_gap"] = _ratio(row.get("long_gap_ms_p99"), row["gap_ms_p99"])
+            _say(f"{setup.name:14s} batch {b:3d} + a {row.get('long_prompt_tokens')}-token prompt: decode gap p99 "
+                 f"{row.get('long_gap_ms_p99')} ms (max {row.get('long_gap_ms_max')}, x{row['long_gap_vs_gap']} "
+                 f"undisturbed), its ttft {row.get('long_ttft_ms')} ms")
 
 
 async def run_baseline(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores: list[int]) -> Setup:
@@ -250,13 +262,18 @@ def report(o: BenchOptions, base: Setup | None, swarm: list[Setup]) -> dict:
              "baseline_ttft_ms_p50": base.rows[b]["ttft_ms_p50"] if base else None,
              "baseline_tpot_ms_p50": base.rows[b]["tpot_ms_p50"] if base else None,
              "prompt_tokens": main.rows[b]["prompt_tokens"]}
+        if o.long_prompt:
+            for key in ("long_prompt_tokens", "long_ttft_ms", "long_gap_ms_p99", "long_gap_ms_max", "long_gap_vs_gap"):
+                r[key] = main.rows[b].get(key)
+                if base:
+                    r["baseline_" + key] = base.rows[b].get(key)
         r["swarm_vs_baseline"] = _ratio(r["swarm_nodelay_tok_s"], r["baseline_tok_s"])
         r["delay_vs_nodelay"] = _ratio(r["swarm_tok_s"], r["swarm_nodelay_tok_s"]) if delayed else None
         rows.append(r)
     out = dict(rows[-1])
     out.update({
         "stages": o.stages, "rtt_ms": o.rtt_ms, "rate_mbit": o.rate_mbit, "cores_per_peer": o.cores_per_peer,
-        "max_tokens": o.max_tokens, "prompt_len": o.prompt_len, "batches": list(o.batches),
+        "max_tokens": o.max_tokens, "prompt_len": o.prompt_len, "batches": list(o.batches), "long_prompt": o.long_prompt,
         "inflight_batches": main.info.get("inflight_batches"), "inflight_max": main.info.get("inflight_max"),
         "round_trip_ms": main.info.get("round_trip_ms"), "stage_ms": main.info.get("stage_ms"),
         "nodelay_round_trip_ms": plain.info.get("round_trip_ms"),
@@ -276,12 +293,16 @@ def render_table(res: dict) -> str:
     if delayed:
         hdr += [f"{link} tok/s", "x 0 ms"]
     hdr += ["TTFT p50 ms", "TPOT p50 ms"]
+    if res.get("long_prompt"):
+        hdr += [f"gap p99 ms with a {res['long_prompt']}-token prompt"]
     lines = [" | ".join(hdr)]
     for r in res["rows"]:
         cells = [str(r["batch"]), _f(r["baseline_tok_s"]), _f(r["swarm_nodelay_tok_s"]), _f(r["swarm_vs_baseline"], 2)]
         if delayed:
             cells += [_f(r["swarm_tok_s"]), _f(r["delay_vs_nodelay"], 2)]
         cells += [_f(r["ttft_ms_p50"]), _f(r["tpot_ms_p50"])]
+        if res.get("long_prompt"):
+            cells += [f"{_f(r.get('long_gap_ms_p99'))} (x{_f(r.get('long_gap_vs_gap'), 2)})"]
         lines.append(" | ".join(cells))
     lines.append(f"cores per peer {res['cores_per_peer']}, {res['max_tokens']} new tokens, ~{res['prompt_len']}-token "
                  f"prompts, pipeline depth {res['inflight_batches']} (max in flight seen {res['inflight_max']})"

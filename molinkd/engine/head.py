@@ -48,6 +48,8 @@ from typing import Any
 
 from vllm.v1.executor.abstract import Executor
 
+from molinkd.engine import pacing
+
 log = logging.getLogger("molinkd.engine.head")
 
 CONFIG_KEY = "molink_pipeline"
@@ -145,14 +147,6 @@ def pipeline_engine_kwargs(
         "enforce_eager": True,
         "async_scheduling": False,
     }
-
-
-def _watch_parent() -> None:
-    """EngineCore runs in a process spawned by the daemon; vLLM does not end it when the daemon
-    dies (SIGKILL). Exit when re-parented, so no orphan keeps a model in memory."""
-    from molinkd.engine.watchdog import exit_with_parent
-
-    exit_with_parent()
 
 
 class StepStats:
@@ -266,6 +260,7 @@ class PipelineExecutor(Executor):
         from molinkd.engine.mirror import RequestMirror
 
         self.clock = StepClock(initial=self.step_timeout)
+        pacing.shared.slack = pacing.slack_from_env()
         self.mirror = RequestMirror()
         self._log: collections.deque = collections.deque()  # failover.Sent, oldest first
         self._send_lock = threading.RLock()  # the link, _log and _up change together
@@ -282,6 +277,11 @@ class PipelineExecutor(Executor):
         self._sent_at: dict[int, float] = {}
         self.step_stats = StepStats(cfg.get("stats_path") or "", depth=cfg.get("depth"))
 
+        # EngineCore runs in a process spawned by the daemon: it ends with the daemon and hears
+        # no signal meant for the daemon's process group (the daemon drains, then stops it)
+        from molinkd.engine.watchdog import bind_to_daemon
+
+        bind_to_daemon()
         head = self.route[0]
         t0 = time.monotonic()
         self.worker = build_worker(self.vllm_config, Span(head["start"], head["end"]), self.num_layers)
@@ -289,8 +289,6 @@ class PipelineExecutor(Executor):
         from molinkd.engine import info
 
         info.report_loaded()
-
-        _watch_parent()
         if len(self.route) == 1:  # loaded while the stages load: now ask the daemon for them
             self.route = self._wait_for_route(float(cfg.get("route_wait") or 0.0))
             self._route_peers = frozenset(h["peer"] for h in self.route)
@@ -665,7 +663,9 @@ class PipelineExecutor(Executor):
                 now = time.monotonic()
                 sent = self._sent_at.pop(step, None)
                 if sent is not None:
-                    self.clock.observe(entry[1].total_num_scheduled_tokens, now - max(sent, self._last_result_at))
+                    took = now - max(sent, self._last_result_at)
+                    self.clock.observe(entry[1].total_num_scheduled_tokens, took)
+                    pacing.shared.observe(pacing.prompt_tokens_of(entry[1].num_scheduled_tokens), took)
                 self._last_result_at = now
                 self.step_stats.record_result(f.get("timings"), None if sent is None else
                                               time.perf_counter() - (now - sent), self._route_peers)

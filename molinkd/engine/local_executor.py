@@ -1,7 +1,8 @@
-"""vLLM's in-process executor, plus the parent watchdog (see :mod:`molinkd.engine.watchdog`).
+"""vLLM's in-process executor, bound to its daemon (see :mod:`molinkd.engine.watchdog`).
 
 Passed as ``distributed_executor_backend`` for a peer serving the whole model; it runs inside
-vLLM's EngineCore process, which then ends when the daemon dies.
+vLLM's EngineCore process, which then ends when the daemon dies and ignores signals sent to the
+daemon's process group.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
 from molinkd.engine import info
-from molinkd.engine.watchdog import exit_with_parent
+from molinkd.engine.watchdog import bind_to_daemon
 
 
 class WatchedUniProcExecutor(UniProcExecutor):
     def _init_executor(self) -> None:
-        exit_with_parent()
+        bind_to_daemon()
         super()._init_executor()
         info.report_loaded()

@@ -13,7 +13,9 @@ still counts the hidden ones. Depth 1 or a single request is plain vLLM scheduli
 Long prompts are cut into ``depth`` chunks (at least ``MIN_PREFILL_CHUNK`` tokens each): vLLM
 schedules the next chunk of a prompt while the previous one is still in flight, so the stages
 prefill one prompt in a pipeline instead of one after the other (time to first token). vLLM's own
-long-prefill threshold never chunks a prompt that runs alone.
+long-prefill threshold never chunks a prompt that runs alone. While other requests decode, chunks
+are smaller still: :mod:`molinkd.engine.pacing` sizes them from measured step costs so that
+decoding requests keep their pace.
 
 It also spares the wire vLLM's ``all_token_ids`` (each request's whole token history, sent for
 every request that was not in the previous step, i.e. every request of every micro-batch): only
@@ -26,6 +28,8 @@ import math
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
+
+from molinkd.engine import pacing
 
 
 def micro_batch_cap(running: int, depth: int) -> int:
@@ -46,12 +50,17 @@ def prefill_chunk(prompt_tokens: int, depth: int) -> int:
     return max(MIN_PREFILL_CHUNK, math.ceil(prompt_tokens / depth))
 
 
-def step_token_budget(budget: int, decodes: int, prefills: list[tuple[int, int]], depth: int) -> int:
+def step_token_budget(budget: int, decodes: int, prefills: list[tuple[int, int]], depth: int,
+                      paced: int | None = None) -> int:
     """Token budget of one step: the decodes it runs, plus one chunk of every prompt still to
-    prefill (``(prompt tokens, tokens left)`` pairs), at most ``budget``."""
+    prefill (``(prompt tokens, tokens left)`` pairs), at most ``budget``. ``paced``: the prompt
+    tokens one step may carry while requests decode (:mod:`molinkd.engine.pacing`), shared by the
+    prompts of the step."""
     if not prefills:
         return budget
     chunks = sum(min(left, prefill_chunk(prompt, depth)) for prompt, left in prefills)
+    if paced is not None:
+        chunks = min(chunks, paced)
     return max(1, min(budget, decodes + chunks))
 
 
@@ -95,7 +104,9 @@ class MicroBatchScheduler(Scheduler):
             # waiting requests include preempted ones, which recompute their outputs too
             prefills += [(r.num_tokens, r.num_tokens - r.num_computed_tokens) for r in self.waiting]
             kept = sum(1 for rd, d in zip(ready, decoding) if rd and d) - len(held_idx)
-            budget = step_token_budget(budget, kept, prefills, self.depth)
+            # requests decoding (in this step, held, or in flight) pace the prompts' chunks
+            paced = pacing.shared.chunk() if any(decoding) else None
+            budget = step_token_budget(budget, kept, prefills, self.depth, paced)
         if not held_idx and budget == self.max_num_scheduled_tokens:
             return super().schedule(throttle_prefills)
         held = [running[i] for i in held_idx]

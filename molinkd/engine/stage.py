@@ -604,9 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout", type=float, default=120.0)
     p.add_argument("--ready-file", default=None, help="write the bound address here once serving")
     a = p.parse_args(argv)
-    from molinkd.engine.watchdog import exit_with_parent
+    from molinkd.engine.watchdog import bind_to_daemon
 
-    exit_with_parent()
+    bind_to_daemon()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s stage %(levelname)s %(message)s")
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # --kv-cache-gib is an engine argument (vLLM's legacy variable would override it)
 

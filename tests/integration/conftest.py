@@ -4,7 +4,6 @@ each once, and start the references in the background while daemons load)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 

@@ -271,7 +271,7 @@ async def test_a_stage_never_dials_an_address_the_network_chose(swarm, honest_lo
 
     async with attackers(swarm) as (evil, helper, acc), trio.open_nursery() as nursery:
         nursery.start_soon(count_connections)
-        for addr in (f"tcp:127.0.0.1:{port}", f"unix:/tmp/x.sock"):
+        for addr in (f"tcp:127.0.0.1:{port}", "unix:/tmp/x.sock"):
             s = await victim_stream(evil, swarm)
             await s.send(wire.HELLO, session(swarm, route(evil.peer_id, swarm["vid"], helper.peer_id, addr)))
             await expect_error(s, "p2p:<peer id>")
@@ -479,6 +479,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(swarm, honest_load):
     """Last in this module (it stops the head): a SIGTERMed head says goodbye, answers new requests
     with 503, finishes the request it was streaming with every token, and exits 0."""
     import json
+    import os
     import signal
 
     head = swarm["head"]
@@ -500,7 +501,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(swarm, honest_load):
     t = threading.Thread(target=stream)
     t.start()
     assert streaming.wait(timeout=120), "the streamed request never started"
-    head.proc.send_signal(signal.SIGTERM)
+    # to the daemon's whole process group, as Ctrl-C in a terminal or `kill -TERM -PGID` would:
+    # the engine process is not in it (it would die mid-request), the daemon drains, then stops it
+    os.killpg(head.proc.pid, signal.SIGTERM)
     r = wait_for(lambda: httpx.post(head.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
                                     timeout=10), 20, "an answer while draining")
     assert r.status_code == 503, r.text

@@ -14,7 +14,6 @@ is printed (speed is reported, not asserted).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -115,8 +114,7 @@ def swarm(tmp_path_factory, model_dir, f32_reference_job):
     finally:
         daemons += swarm.joined if "swarm" in locals() else []
         for d in daemons:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(d.proc.pid, signal.SIGCONT)
+            d.signal_machine(signal.SIGCONT)
         if evil is not None:
             evil.kill()
             evil.wait(timeout=10)
@@ -497,7 +495,7 @@ def _failed_over_in_the_engine(swarm: Swarm, before: dict, to: Daemon) -> dict:
 def test_sigkill_of_the_stage_in_use_fails_over_inside_the_engine(swarm, capsys):
     in_use, spare = swarm.in_use_and_spare()
     wait_for(lambda: spare.status()["ready"] and spare.status()["serving_head"] is None, 120, "a free, ready spare")
-    _, results, before, _ = _disturbed_run(swarm, lambda: os.killpg(in_use.proc.pid, signal.SIGKILL))
+    _, results, before, _ = _disturbed_run(swarm, lambda: in_use.signal_machine(signal.SIGKILL))
     fo = _failed_over_in_the_engine(swarm, before, spare)
     _report("SIGKILL of the middle stage", results, f"failover took {fo['seconds']} s", capsys)
 
@@ -547,12 +545,12 @@ def test_a_hung_daemon_is_banned_then_served_again(swarm, capsys):
     used = peer_id(in_use)
 
     def hang_until_banned() -> None:
-        os.killpg(in_use.proc.pid, signal.SIGSTOP)
+        in_use.signal_machine(signal.SIGSTOP)
         try:
             wait_for(lambda: (b := swarm.a.status()["banned"].get(used)) and b["active"], 180,
                      "the head to ban the hung stage")
         finally:
-            os.killpg(in_use.proc.pid, signal.SIGCONT)
+            in_use.signal_machine(signal.SIGCONT)
 
     _, results, before, _ = _disturbed_run(swarm, hang_until_banned)
     st = swarm.a.status()
@@ -577,7 +575,7 @@ def test_no_route_waits_then_a_new_peer_resumes_serving_without_restart(swarm, c
         box["new"] = swarm.join_middle("b4")
 
     def kill_and_revive() -> None:
-        os.killpg(in_use.proc.pid, signal.SIGKILL)
+        in_use.signal_machine(signal.SIGKILL)
         box["thread"] = threading.Thread(target=revive)
         box["thread"].start()
 

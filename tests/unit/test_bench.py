@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from molinkd.bench.load import BatchResult, RequestTiming, make_prompt, parse_sse_line, percentile
+from molinkd.bench.load import BatchResult, RequestTiming, gaps_during, make_prompt, parse_sse_line, percentile
 from molinkd.bench.procs import BenchError, pinning_env, plan_cores
 from molinkd.bench.wanlink import LinkModel
 
@@ -59,6 +59,18 @@ def test_request_timing_and_batch_summary():
     assert s["ttft_ms_p50"] == pytest.approx(300.0)
     assert s["tpot_ms_p50"] == pytest.approx(100.0)  # the one-token request has no TPOT
     assert s["prompt_tokens"] == 16
+
+
+def test_gaps_during_a_long_prefill_are_those_overlapping_it():
+    a = RequestTiming(start=0.0, token_times=[1.0, 1.1, 1.9, 2.0, 2.1], tokens=5)
+    b = RequestTiming(start=0.0, token_times=[1.05, 1.15], tokens=2)  # done before the long prompt came
+    assert gaps_during([a, b], start=1.5, end=1.95) == pytest.approx([0.8, 0.1])
+    long = RequestTiming(start=1.5, token_times=[1.95, 2.05], tokens=2, prompt_tokens=2000)
+    s = BatchResult(batch=2, wall_s=1.1, requests=[a, b], long=long).summary()
+    assert s["long_prompt_tokens"] == 2000 and s["long_ttft_ms"] == pytest.approx(450.0)
+    assert s["long_gap_ms_max"] == pytest.approx(800.0) and s["long_gaps"] == 2
+    # a batch without a long prompt says nothing of it
+    assert "long_gap_ms_p99" not in BatchResult(batch=2, wall_s=1.1, requests=[a, b]).summary()
 
 
 def test_sse_lines():
@@ -138,6 +150,21 @@ def test_report_has_the_json_fields_and_ratios():
     # without a link: no delayed column, the swarm figures are the plain ones
     res2 = report(BenchOptions(batches=(16,)), base, [plain])
     assert res2["swarm_tok_s"] == res2["swarm_nodelay_tok_s"] == 160.0 and res2["rows"][0]["delay_vs_nodelay"] is None
+    assert "long_gap_ms_p99" not in res2
+
+
+def test_report_of_a_long_prompt_arriving_mid_decode():
+    from molinkd.bench.runner import BenchOptions, render_table, report
+
+    base = _setup("single", {16: 100.0})
+    plain = _setup("swarm", {16: 160.0})
+    base.rows[16].update(long_gap_ms_p99=90.0, long_gap_vs_gap=3.0, long_ttft_ms=900.0)
+    plain.rows[16].update(long_gap_ms_p99=45.0, long_gap_vs_gap=1.5, long_ttft_ms=1500.0, long_prompt_tokens=2000)
+    res = report(BenchOptions(batches=(16,), long_prompt=2000), base, [plain])
+    assert res["long_prompt"] == 2000 and res["long_gap_vs_gap"] == 1.5 and res["baseline_long_gap_vs_gap"] == 3.0
+    assert "2000-token prompt" in render_table(res) and "(x1.50)" in render_table(res)
+    with pytest.raises(BenchError, match="long-prompt"):
+        BenchOptions(long_prompt=100000).validate()
 
 
 def test_micro_batch_split():
@@ -204,6 +231,11 @@ def test_long_prompts_are_prefilled_in_depth_chunks():
     assert step_token_budget(300, 8, [(4096, 4096)], 2) == 300
     assert step_token_budget(2048, 8, [], 2) == 2048
     assert step_token_budget(2048, 0, [(16, 16)] * 16, 2) == 256
+    # while requests decode the pacer caps the prompt tokens of a step (all prompts together)
+    assert step_token_budget(2048, 8, [(2048, 2048)], 2, paced=32) == 40
+    assert step_token_budget(2048, 8, [(2048, 2048), (512, 512)], 2, paced=32) == 40
+    assert step_token_budget(2048, 8, [(2048, 10)], 2, paced=32) == 18  # the last bit of a prompt
+    assert step_token_budget(2048, 8, [], 2, paced=32) == 2048
 
 
 def test_a_head_may_start_on_its_own_hop_only_when_it_waits_for_the_rest():

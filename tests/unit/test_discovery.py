@@ -108,7 +108,8 @@ async def test_announce_expire_leave_on_mock_clock(mock_clock: trio.testing.Mock
 @pytest.mark.trio
 async def test_validator_drops_and_counts(mock_clock: trio.testing.MockClock) -> None:
     bus = Bus()
-    a, x = FakeNode(bus, "A"), FakeNode(bus, "X")
+    a = FakeNode(bus, "A")
+    FakeNode(bus, "X")  # a second peer on the bus
     da = Discovery(a, H, fields(0, 30), period=1.0, clock=trio.current_time)
     async with trio.open_nursery() as nursery:
         await nursery.start(da.run)
