@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -189,7 +190,9 @@ async def run_batch(url: str, batch: int, max_tokens: int, prompt_len: int, *, t
                 async def send_long() -> None:
                     while min(len(t.token_times) for t in timings) < min(LONG_AFTER_TOKENS, max_tokens - 1):
                         await trio.sleep(0.005)
-                    await one_request(client, url, make_prompt(batch, long_prompt), 2, headers, long)
+                    # a prompt no earlier run sent: vLLM's prefix cache would skip most of its prefill
+                    await one_request(client, url, make_prompt(random.randrange(10**6, 10**9), long_prompt), 2,
+                                      headers, long)
 
                 for i in range(batch):
                     nursery.start_soon(one, i)
