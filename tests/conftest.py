@@ -8,10 +8,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # Fixtures that run vLLM engines (or need engines running), and the pytest-xdist group of the tests
 # using them (`make test` runs `-n 2 --dist loadgroup`): a group runs on one worker, which starts
 # those engines once and shares them. "engines": the single node and its plain-vLLM reference, the
-# float32 reference and swarm, the hostile swarm; "local-pipeline": the local pipeline (it makes its
-# own float32 reference). The other worker runs those and what needs no shared engine (unit tests,
-# gateways, the NAT lab, and suites that start their own daemons: the bench command, the churn
-# soak). Two engine groups on two workers queue every other test behind them (xdist hands a worker
+# float32 reference and swarm, the hostile swarm. The other worker runs what needs no shared engine
+# (unit tests, gateways, the NAT lab, and suites that start their own daemons: the bench command,
+# the churn soak). Two engine groups on two workers queue every other test behind them (xdist hands a worker
 # a whole group at once), and three workers on 2 cores ran slower and timed out libp2p handshakes.
 # A module whose module-scoped fixture runs engines names its group with
 # ``pytest.mark.engines("group")``.

@@ -102,6 +102,12 @@ class Procs:
         self.daemons.append(d)
         return d
 
+    def make_identity(self, name: str) -> str:
+        """Create the identity file the daemon ``name`` will use; its peer id."""
+        from p2p.host import load_or_create_identity, peer_id_of
+
+        return peer_id_of(load_or_create_identity(self.workdir / f"{name}.key"))
+
     def stop(self, d: DaemonProc, grace: float = 25.0) -> None:
         self._stop_many([d], grace)
 

@@ -175,29 +175,31 @@ async def swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores:
     env = {"MOLINK_PIPELINE_DEPTH": str(o.depth)} if o.depth else {}
     async with trio.open_nursery() as nursery:
         try:
-            # last stage first: each peer bootstraps to its successor (through the link, if any)
-            nxt: DaemonProc | None = None
-            nxt_link: WanLink | None = None
-            for i in reversed(range(o.stages)):
-                s, e = spans[i]
-                listen = free_port()
-                args = ["--layers", f"{s}:{e}", *_common_args(o)]
-                link = None
-                if i > 0 and o.linked:  # the link in front of this peer, announced as its address
-                    link = WanLink(("127.0.0.1", listen))
+            # identities first, so that every peer starts at once bootstrapping to its successor
+            # (through the link in front of it, if any)
+            ids = [procs.make_identity(f"stage{i}") for i in range(o.stages)]
+            ports = [free_port() for _ in range(o.stages)]
+            via: list[str | None] = [None] * o.stages
+            for i in range(1, o.stages):
+                addr = f"/ip4/127.0.0.1/tcp/{ports[i]}"
+                if o.linked:  # the link in front of this peer, announced as its address
+                    link = WanLink(("127.0.0.1", ports[i]))
                     await nursery.start(link.run)
-                    links.insert(0, link)
-                    args += ["--announce", link.address]
-                if nxt is not None:
-                    via = nxt_link.address if nxt_link else f"/ip4/127.0.0.1/tcp/{nxt.listen_port}"
-                    args += ["--bootstrap", f"{via}/p2p/{nxt.peer_id}"]
-                d = procs.start_daemon(f"stage{i}", args, cores[i], env if i == 0 else None, listen_port=listen)
+                    links.append(link)
+                    addr = link.address
+                via[i] = addr
+            for i in reversed(range(o.stages)):  # the last stage first: it has nobody to wait for
+                s, e = spans[i]
+                args = ["--layers", f"{s}:{e}", *_common_args(o)]
+                if i > 0 and o.linked:
+                    args += ["--announce", via[i]]
+                if i + 1 < o.stages:
+                    args += ["--bootstrap", f"{via[i + 1]}/p2p/{ids[i + 1]}"]
+                d = procs.start_daemon(f"stage{i}", args, cores[i], env if i == 0 else None, listen_port=ports[i])
+                d.peer_id = ids[i]
                 peers.insert(0, d)
-                st = await wait_status(client, d, lambda st: bool(st.get("peer_id")), "peer id", 120)
-                d.peer_id = st["peer_id"]
                 _say(f"stage {i} layers {s}:{e} on cores {cores[i]}: peer {d.peer_id[:16]}"
-                     + (f" behind link :{link.port}" if link else ""))
-                nxt, nxt_link = d, link
+                     + (f" behind link :{links[i - 1].port}" if i > 0 and o.linked else ""))
             _say("loading the swarm...")
             for d in peers[1:]:
                 await wait_status(client, d, lambda st: bool(st.get("ready")), "ready stage", READY_TIMEOUT)
@@ -205,7 +207,10 @@ async def swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores:
                               "ready pipeline engine", READY_TIMEOUT)
             yield peers, links
         finally:
-            procs.stop_all()
+            # the links keep forwarding while the daemons stop: a stage drains until it sees its
+            # head leave, and it sees that only through its link (a frozen link made it wait 25 s)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(procs.stop_all)
             nursery.cancel_scope.cancel()
 
 

@@ -49,16 +49,16 @@ def swarm(tmp_path_factory):
     try:
         boot = boot_addr(a)
         v = Daemon(["--layers", "10:20", "--bootstrap", boot, "--max-num-seqs", "8", *KV], tmp, name="victim")
-        # an honest verifier for A's layers; it announces 1 token/s, so the head routes through A first
-        w = Daemon(["--layers", "15:30", "--bootstrap", boot, *KV], tmp, name="verifier", module="tests.integration.lying_daemon",
-                   env={"MOLINK_TEST_ANNOUNCE": "1"})
-        daemons += [v, w]
-        # the head plans its first route once it starts: stage A must be up by then (on a loaded
-        # machine the verifier may be ready first and win)
-        a.wait_ready(timeout=400)
+        # the head loads its own layers while stage A loads, then routes through A
         h = Daemon(["--layers", "0:15", "--bootstrap", boot, "--audit-rate", "1", "--audit-quorum", "1", *KV], tmp,
                    name="head")
-        daemons.append(h)
+        daemons += [v, h]
+        a.wait_ready(timeout=400)
+        # an honest verifier for A's layers (it announces 1 token/s), started once A serves: the
+        # head's first route must go through A (a verifier ready first could win it)
+        w = Daemon(["--layers", "15:30", "--bootstrap", boot, *KV], tmp, name="verifier", module="tests.integration.lying_daemon",
+                   env={"MOLINK_TEST_ANNOUNCE": "1"})
+        daemons.append(w)
         for d in daemons:
             d.wait_ready(timeout=400)
         aid = a.status()["peer_id"]

@@ -172,6 +172,67 @@ def test_concurrent_requests_each_equal_their_reference(swarm, f32_reference):
     assert sampled == [20] * len(sampled)
 
 
+def test_logprobs_survive_the_trip_from_the_last_stage(swarm, f32_reference):
+    """Top-3 logprobs of 8 greedy tokens, computed on the last stage and relayed back to the head,
+    equal single-node vLLM's (float32). The OpenAI API names tokens by their text, the reference by
+    id: the values are compared, position by position."""
+    r = httpx.post(swarm.a.url + "/v1/completions", timeout=300, json={
+        "prompt": F32_PROMPTS[0], "max_tokens": 8, "temperature": 0, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    ref = f32_reference["logprobs"]
+    assert len(lp["top_logprobs"]) == len(ref) == 8
+    for got, want, chosen in zip(lp["top_logprobs"], ref, lp["token_logprobs"]):
+        assert sorted(got.values()) == pytest.approx(sorted(want.values()), abs=1e-2), (got, want)
+        assert chosen == pytest.approx(max(want.values()), abs=1e-2)  # greedy: the likeliest token
+
+
+def _probe_stage_process(stage: Daemon, opener: str, **change) -> tuple[str, dict]:
+    """A session handshake written straight to a stage daemon's stage process (what the daemon
+    pipes there after admitting a libp2p stream from ``opener``): its answer (frame type, body)."""
+    from molinkd import runtime
+    from molinkd.engine import wire
+    from molinkd.engine.link import P2P_FROM, FramedLink
+
+    (rundir,) = runtime.runtime_root().glob(f"{stage.proc.pid}-*")
+    me = peer_id(stage)
+    route = [{"peer": opener, "addr": "", "start": 0, "end": 10},
+             {"peer": me, "addr": f"p2p:{me}", "start": 10, "end": 20}]
+    body = wire.session_body(session="probe", model_hash=stage.status()["model"]["hash"], route=route,
+                             num_layers=30, dtype="float32", max_model_len=1024, max_num_seqs=16,
+                             max_num_batched_tokens=256, block_size=128)  # vLLM CPU's block size
+    body.update(change)
+    link = FramedLink.connect(f"unix:{rundir / 'stage.sock'}", timeout=10)
+    try:
+        link.send(P2P_FROM, {"peer": opener})
+        link.send(wire.HELLO, body)
+        f = link.recv(timeout=60)
+        return f.type, f.body
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"route": [{"peer": "HEAD", "addr": "", "start": 0, "end": 10},
+                {"peer": "ME", "addr": "", "start": 10, "end": 30}]}, "layers 10:30"),
+    ({"dtype": "bfloat16"}, "dtype mismatch"),
+    ({"max_model_len": 4096}, "max_model_len"),
+    ({"max_num_seqs": 1000}, "larger limits"),
+])
+def test_a_stage_refuses_a_session_it_cannot_serve(swarm, change, needle):
+    """Sessions whose settings the stage cannot serve are refused with the reason, by the spare's
+    running stage process, which goes on serving (same process, still ready)."""
+    _, spare = swarm.in_use_and_spare()
+    wait_for(lambda: spare.status()["ready"] and spare.status()["serving_head"] is None, 120, "a free, ready spare")
+    proc = _stage_process(spare)
+    head = peer_id(swarm.a)
+    if "route" in change:
+        change = {"route": [dict(h, peer=head if h["peer"] == "HEAD" else peer_id(spare)) for h in change["route"]]}
+    t, body = _probe_stage_process(spare, head, **change)
+    assert t == "eng.error" and needle in body["message"], (t, body)
+    assert _stage_process(spare).pid == proc.pid and spare.status()["ready"]
+
+
 def test_route_avoids_the_garbage_peer_and_status_shows_it(swarm):
     """The head routes through one real [10,20) peer, never the evil one (banned once tried); the
     other is a spare. (After the tests above: the stages have step times.)"""
