@@ -187,7 +187,7 @@ def test_logprobs_survive_the_trip_from_the_last_stage(swarm, f32_reference):
         assert chosen == pytest.approx(max(want.values()), abs=1e-2)  # greedy: the likeliest token
 
 
-def _probe_stage_process(stage: Daemon, opener: str, **change) -> tuple[str, dict]:
+def _probe_stage_process(stage: Daemon, opener: str, last: Daemon, **change) -> tuple[str, dict]:
     """A session handshake written straight to a stage daemon's stage process (what the daemon
     pipes there after admitting a libp2p stream from ``opener``): its answer (frame type, body)."""
     from molinkd import runtime
@@ -197,7 +197,8 @@ def _probe_stage_process(stage: Daemon, opener: str, **change) -> tuple[str, dic
     (rundir,) = runtime.runtime_root().glob(f"{stage.proc.pid}-*")
     me = peer_id(stage)
     route = [{"peer": opener, "addr": "", "start": 0, "end": 10},
-             {"peer": me, "addr": f"p2p:{me}", "start": 10, "end": 20}]
+             {"peer": me, "addr": f"p2p:{me}", "start": 10, "end": 20},
+             {"peer": peer_id(last), "addr": f"p2p:{peer_id(last)}", "start": 20, "end": 30}]
     body = wire.session_body(session="probe", model_hash=stage.status()["model"]["hash"], route=route,
                              num_layers=30, dtype="float32", max_model_len=1024, max_num_seqs=16,
                              max_num_batched_tokens=256, block_size=128)  # vLLM CPU's block size
@@ -214,7 +215,7 @@ def _probe_stage_process(stage: Daemon, opener: str, **change) -> tuple[str, dic
 
 @pytest.mark.parametrize("change,needle", [
     ({"route": [{"peer": "HEAD", "addr": "", "start": 0, "end": 10},
-                {"peer": "ME", "addr": "", "start": 10, "end": 30}]}, "layers 10:30"),
+                {"peer": "ME", "addr": "", "start": 10, "end": 30}]}, "gives this stage layers 10:30"),
     ({"dtype": "bfloat16"}, "dtype mismatch"),
     ({"max_model_len": 4096}, "max_model_len"),
     ({"max_num_seqs": 1000}, "larger limits"),
@@ -228,7 +229,7 @@ def test_a_stage_refuses_a_session_it_cannot_serve(swarm, change, needle):
     head = peer_id(swarm.a)
     if "route" in change:
         change = {"route": [dict(h, peer=head if h["peer"] == "HEAD" else peer_id(spare)) for h in change["route"]]}
-    t, body = _probe_stage_process(spare, head, **change)
+    t, body = _probe_stage_process(spare, head, swarm.c, **change)
     assert t == "eng.error" and needle in body["message"], (t, body)
     assert _stage_process(spare).pid == proc.pid and spare.status()["ready"]
 
@@ -252,7 +253,12 @@ def test_route_avoids_the_garbage_peer_and_status_shows_it(swarm):
     assert in_use.status()["serving_head"] == c.status()["serving_head"] == st["peer_id"]
     assert st["role"] == "head" and in_use.status()["role"] == "stage"
     assert [(h["start"], h["end"]) for h in st["stages"]] == [(0, 10), (10, 20), (20, 30)]
-    assert all(isinstance(h["step_ms"], float) and h["step_ms"] > 0 for h in st["stages"]), st["stages"]
+    if not all(isinstance(h["step_ms"], float) and h["step_ms"] > 0 for h in st["stages"]):
+        # a stage the head failed over to (a loaded machine can trip a step deadline) has no step
+        # time until steps went through it
+        _greedy(a, F32_PROMPTS[0])
+        st = wait_for(lambda: (x := a.status()) and all(isinstance(h["step_ms"], float) and h["step_ms"] > 0
+                                                         for h in x["stages"]) and x, 30, "step times of every stage")
     assert st["pipeline"]["steps"] > 0 and st["pipeline"]["round_trip_ms"] > 0
     assert st["coverage"]["complete"] is True
     r = subprocess.run([sys.executable, "-m", "cli.molink", "status", "--api", a.url], capture_output=True,
