@@ -106,3 +106,18 @@ def to_toml(items: list[tuple[str, object]], comments: dict[str, str] | None = N
         else:
             lines.append(f"{k} = {_toml_value(v)}" + (f"  # {note}" if note else ""))
     return "\n".join(lines) + "\n"
+
+
+def number_from_env(name: str, kind: type, minimum: float, default: float | None, expect: str) -> float | None:
+    """A developer knob from the environment (benchmarks): ``kind(value)`` at least ``minimum``,
+    ``default`` when unset; a bad value is a ValueError naming the variable and ``expect``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"${name}={raw!r}: expected {expect}") from None
+    if value < minimum:
+        raise ValueError(f"${name}={raw!r}: expected {expect}")
+    return value

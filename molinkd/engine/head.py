@@ -68,16 +68,10 @@ def default_depth(stages: int) -> int:
     only shrinks ``step`` a little while adding ``A`` per micro-batch. Measured with
     ``molink bench`` (2 stages, 1 core each, 16 requests): depth 2 / 3 / 6 gave 429 / 323 / 182
     tok/s on loopback and 188 / 190 / 147 with 50 ms RTT."""
-    env = os.environ.get(DEPTH_ENV, "").strip()
-    if env:
-        try:
-            depth = int(env)
-        except ValueError:
-            raise ValueError(f"${DEPTH_ENV}={env!r}: expected an integer >= 2") from None
-        if depth < 2:
-            raise ValueError(f"${DEPTH_ENV}={env!r}: the pipeline depth must be at least 2")
-        return depth
-    return max(2, stages)
+    from molinkd.config import number_from_env
+
+    depth = number_from_env(DEPTH_ENV, int, 2, None, "an integer >= 2 (the pipeline depth)")
+    return max(2, stages) if depth is None else int(depth)
 
 
 def pipeline_engine_kwargs(

@@ -28,7 +28,6 @@ With nothing decoding a prompt is chunked for time to first token instead
 from __future__ import annotations
 
 import dataclasses
-import os
 
 SLACK_ENV = "MOLINK_PREFILL_SLACK"  # developer override (benchmarks); 0 turns pacing off
 DEFAULT_SLACK = 0.5
@@ -66,16 +65,9 @@ class PrefillPacer:
 
 
 def slack_from_env(default: float = DEFAULT_SLACK) -> float:
-    raw = os.environ.get(SLACK_ENV, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"${SLACK_ENV}={raw!r}: expected a number >= 0 (0 turns prefill pacing off)") from None
-    if value < 0:
-        raise ValueError(f"${SLACK_ENV}={raw!r}: expected a number >= 0 (0 turns prefill pacing off)")
-    return value
+    from molinkd.config import number_from_env
+
+    return float(number_from_env(SLACK_ENV, float, 0.0, default, "a number >= 0 (0 turns prefill pacing off)"))
 
 
 def prompt_tokens_of(num_scheduled_tokens: dict[str, int]) -> int:

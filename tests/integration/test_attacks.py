@@ -30,7 +30,7 @@ from p2p.tensors import to_wire
 from tests.helpers import Daemon, boot_addr, wait_for
 from tests.integration.conftest import MAX_TOKENS, PROMPTS
 
-pytestmark = [pytest.mark.slow, pytest.mark.engines]
+pytestmark = [pytest.mark.slow, pytest.mark.engines("bf16")]
 
 BLOCK_SIZE = 128  # vLLM CPU default
 HIDDEN = 576

@@ -31,7 +31,7 @@ import pytest
 from tests.helpers import REPO, Daemon, boot_addr, wait_for
 from tests.integration.conftest import F32_PROMPTS, MAX_TOKENS
 
-pytestmark = [pytest.mark.slow, pytest.mark.engines]
+pytestmark = [pytest.mark.slow, pytest.mark.engines("f32")]
 
 # float32 everywhere; a short ban so a hung stage is routed through again soon after it is back
 # and a quarter GiB of KV cache each (the suite runs many engines at once on a 24 GiB machine)
