@@ -17,10 +17,11 @@ SMALL_STEP = 64  # steps with at most this many tokens measure the fixed part of
 
 @dataclasses.dataclass
 class StepClock:
-    # seconds: never less. Decode steps on a loaded machine jitter: a 2 s floor once fired on a
-    # healthy stage while a 2-core machine loaded several engines (a needless failover); a hung
-    # stage is still found within 3-5 s
-    floor: float = 3.0
+    # seconds: never less. Decode steps on a loaded machine jitter: this floor once fired on a
+    # healthy stage while a 2-core machine loaded several engines (a needless failover, nothing
+    # lost). 3 s avoided that but made a hung stage cost its clients 3.4-8.7 s in a 30-minute
+    # soak: the floor is what a hung stage costs before failover starts, and it must stay < 3 s
+    floor: float = 2.0
     factor: float = 8.0  # times the predicted round trip
     initial: float = 120.0  # seconds allowed before ``warmup`` steps were measured
     warmup: int = 3
