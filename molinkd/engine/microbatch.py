@@ -58,10 +58,13 @@ def step_token_budget(budget: int, decodes: int, prefills: list[tuple[int, int]]
     prompts of the step."""
     if not prefills:
         return budget
-    chunks = sum(min(left, prefill_chunk(prompt, depth)) for prompt, left in prefills)
+    whole = sum(left for prompt, left in prefills if prefill_chunk(prompt, depth) >= prompt)
+    chunks = sum(min(left, prefill_chunk(prompt, depth)) for prompt, left in prefills if prefill_chunk(prompt, depth) < prompt)
     if paced is not None:
+        # only prompts that are cut anyway are paced: a short prompt goes whole (vLLM CPU cannot
+        # cut a seeded request's prompt: rewinding its generator after a partial prefill is CUDA-only)
         chunks = min(chunks, paced)
-    return max(1, min(budget, decodes + chunks))
+    return max(1, min(budget, decodes + whole + chunks))
 
 
 def split_ready(ready: list[bool], decoding: list[bool], cap: int) -> list[int]:
@@ -76,6 +79,11 @@ def split_ready(ready: list[bool], decoding: list[bool], cap: int) -> list[int]:
         else:
             held.append(i)
     return held
+
+
+def _seeded(r: Any) -> bool:
+    sp = getattr(r, "sampling_params", None)
+    return sp is not None and sp.seed is not None
 
 
 class MicroBatchScheduler(Scheduler):
@@ -99,14 +107,18 @@ class MicroBatchScheduler(Scheduler):
         held_idx = split_ready(ready, decoding, cap)
         budget = self.max_num_scheduled_tokens
         if self._chunking:
-            prefills = [(r.num_prompt_tokens, r.num_prompt_tokens - r.num_computed_tokens)
-                        for r, rd, d in zip(running, ready, decoding) if rd and not d]
+            to_prefill = [r for r, rd, d in zip(running, ready, decoding) if rd and not d]
+            prefills = [(r.num_prompt_tokens, r.num_prompt_tokens - r.num_computed_tokens) for r in to_prefill]
             # waiting requests include preempted ones, which recompute their outputs too
             prefills += [(r.num_tokens, r.num_tokens - r.num_computed_tokens) for r in self.waiting]
             kept = sum(1 for rd, d in zip(ready, decoding) if rd and d) - len(held_idx)
             # requests decoding (in this step, held, or in flight) pace the prompts' chunks
             paced = pacing.shared.chunk() if any(decoding) else None
-            budget = step_token_budget(budget, kept, prefills, self.depth, paced)
+            if not any(_seeded(r) for r in (*to_prefill, *self.waiting)):
+                budget = step_token_budget(budget, kept, prefills, self.depth, paced)
+            # else the whole budget: vLLM on CPU cannot cut a seeded request's prompt (after a
+            # partial prefill it rewinds the request's generator, which only CUDA generators do:
+            # the last stage would fail the step)
         if not held_idx and budget == self.max_num_scheduled_tokens:
             return super().schedule(throttle_prefills)
         held = [running[i] for i in held_idx]

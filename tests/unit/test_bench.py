@@ -236,6 +236,9 @@ def test_long_prompts_are_prefilled_in_depth_chunks():
     assert step_token_budget(2048, 8, [(2048, 2048), (512, 512)], 2, paced=32) == 40
     assert step_token_budget(2048, 8, [(2048, 10)], 2, paced=32) == 18  # the last bit of a prompt
     assert step_token_budget(2048, 8, [], 2, paced=32) == 2048
+    # short prompts (never cut) go whole, paced or not: 4 prompts of 5 tokens and a 2048-token one
+    assert step_token_budget(2048, 8, [(5, 5)] * 4, 2, paced=16) == 28
+    assert step_token_budget(2048, 8, [(5, 5)] * 4 + [(2048, 2048)], 2, paced=16) == 44
 
 
 def test_a_head_may_start_on_its_own_hop_only_when_it_waits_for_the_rest():
