@@ -16,5 +16,8 @@ from molinkd.engine.watchdog import bind_to_daemon
 class WatchedUniProcExecutor(UniProcExecutor):
     def _init_executor(self) -> None:
         bind_to_daemon()
+        from molinkd.engine import vllm_patches
+
+        vllm_patches.apply()
         super()._init_executor()
         info.report_loaded()

@@ -626,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     span = parse_span(a.layers, num_layers)
     if not isinstance(span, Span) or span.start == 0:
         p.error(f"--layers must be a span not starting at 0 (the head owns layer 0), got {a.layers!r}")
+    from molinkd.engine import vllm_patches
+
+    vllm_patches.apply()
     t0 = time.monotonic()
     worker = build_worker(vllm_config, span, num_layers)
     from molinkd.engine import info
