@@ -83,7 +83,7 @@ class Procs:
         root = code_root()
         cmd = ["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-m", "cli.molinkd", "join",
                "--listen", f"/ip4/127.0.0.1/tcp/{listen_port}", "--http", f"127.0.0.1:{http_port}",
-               "--identity", str(self.workdir / f"{name}.key"), *args]
+               "--identity", str(self.identity_path(name)), *args]
         e = dict(os.environ)
         e.update(pinning_env(cores))
         e["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [e.get("PYTHONPATH")])])
@@ -102,11 +102,14 @@ class Procs:
         self.daemons.append(d)
         return d
 
+    def identity_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.key"
+
     def make_identity(self, name: str) -> str:
         """Create the identity file the daemon ``name`` will use; its peer id."""
         from p2p.host import load_or_create_identity, peer_id_of
 
-        return peer_id_of(load_or_create_identity(self.workdir / f"{name}.key"))
+        return peer_id_of(load_or_create_identity(self.identity_path(name)))
 
     def stop(self, d: DaemonProc, grace: float = 25.0) -> None:
         self._stop_many([d], grace)

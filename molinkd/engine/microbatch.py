@@ -58,11 +58,14 @@ def step_token_budget(budget: int, decodes: int, prefills: list[tuple[int, int]]
     prompts of the step."""
     if not prefills:
         return budget
-    whole = sum(left for prompt, left in prefills if prefill_chunk(prompt, depth) >= prompt)
-    chunks = sum(min(left, prefill_chunk(prompt, depth)) for prompt, left in prefills if prefill_chunk(prompt, depth) < prompt)
+    whole = chunks = 0  # short prompts go whole; only prompts that are cut anyway are paced
+    for prompt, left in prefills:
+        chunk = prefill_chunk(prompt, depth)
+        if chunk >= prompt:
+            whole += left
+        else:
+            chunks += min(left, chunk)
     if paced is not None:
-        # only prompts that are cut anyway are paced: a short prompt goes whole (vLLM CPU cannot
-        # cut a seeded request's prompt: rewinding its generator after a partial prefill is CUDA-only)
         chunks = min(chunks, paced)
     return max(1, min(budget, decodes + whole + chunks))
 
