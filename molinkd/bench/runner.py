@@ -121,11 +121,15 @@ async def _measure(client: httpx.AsyncClient, d: DaemonProc, o: BenchOptions, se
                  f"undisturbed), its ttft {row.get('long_ttft_ms')} ms")
 
 
-async def run_baseline(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores: list[int]) -> Setup:
+def start_baseline(procs: Procs, o: BenchOptions, cores: list[int]) -> DaemonProc:
+    _say(f"single node on cores {cores}: loading...")
+    return procs.start_daemon("single", ["--layers", "all", *_common_args(o)], cores)
+
+
+async def run_baseline(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, d: DaemonProc) -> Setup:
+    """Measure the single node started by :func:`start_baseline`, then stop it."""
     setup = Setup("single node")
-    d = procs.start_daemon("single", ["--layers", "all", *_common_args(o)], cores)
     try:
-        _say(f"single node on cores {cores}: loading...")
         await wait_status(client, d, lambda st: (st.get("engine") or {}).get("state") == "ready",
                           "ready engine", READY_TIMEOUT)
         await _measure(client, d, o, setup)
@@ -215,9 +219,11 @@ async def swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores:
 
 
 async def run_swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores: list[list[int]],
-                    num_layers: int) -> list[Setup]:
-    """Measure the swarm at 0 ms, then (with a link) with the asked delay and rate."""
+                    num_layers: int, baseline: DaemonProc | None = None) -> tuple[Setup | None, list[Setup]]:
+    """Measure the baseline (loaded alongside the swarm, measured while the swarm idles), then
+    the swarm at 0 ms, then (with a link) with the asked delay and rate."""
     async with swarm(client, procs, o, cores, num_layers) as (peers, links):
+        base = None if baseline is None else await run_baseline(client, procs, o, baseline)
         head = peers[0]
         plain = Setup(f"swarm {o.stages}x" + (" 0 ms" if o.linked else ""))
         await _measure(client, head, o, plain)
@@ -237,7 +243,7 @@ async def run_swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, co
                 raise BenchError("no bytes crossed an emulated link during the measurement: "
                                  "the stages talk to each other some other way")
             out.append(delayed)
-        return out
+        return base, out
 
 
 async def _pipeline_info(client: httpx.AsyncClient, head: DaemonProc) -> dict:
@@ -331,17 +337,20 @@ async def _bench(o: BenchOptions, workdir: Path) -> dict:
     cores = plan_cores(o.stages, o.cores_per_peer, avail)
     procs = Procs(workdir)
     async with trio.open_nursery() as top:
-        async def on_signals() -> None:
+        async def on_signals(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as sigs:
+                task_status.started()
                 async for s in sigs:
                     _say(f"received {signal.Signals(s).name}; stopping every daemon")
                     raise Interrupted(signal.Signals(s).name)
 
-        top.start_soon(on_signals)
+        await top.start(on_signals)  # before the first daemon starts
         try:
             async with httpx.AsyncClient() as client:
-                base = None if o.skip_baseline else await run_baseline(client, procs, o, cores[0])
-                measured = await run_swarm(client, procs, o, cores, model.num_layers)
+                # everything loads at once; each setup is measured while the others idle
+                # (the baseline on the last stage's cores: a stage loads faster than a head)
+                single = None if o.skip_baseline else start_baseline(procs, o, cores[-1])
+                base, measured = await run_swarm(client, procs, o, cores, model.num_layers, single)
         finally:
             procs.stop_all()
         top.cancel_scope.cancel()

@@ -4,6 +4,9 @@ tests/integration/lying_stage.py, which computes honestly until the file named b
 ``$MOLINK_TEST_LIE_FILE`` exists and returns wrong values while it does (a test switches the lie on
 only where it wants it).
 
+With ``$MOLINK_TEST_HOLD_FILE`` set it announces its engine as "held" (no head routes through
+it) until that file exists: a test can load it alongside other stages and release it later.
+
 usage: python -m tests.integration.lying_daemon join ...   (the arguments of ``molinkd join``)
 """
 
@@ -16,9 +19,14 @@ _honest = service.Daemon.record_fields
 ANNOUNCE = float(os.environ.get("MOLINK_TEST_ANNOUNCE", "1e6"))
 
 
+HOLD = os.environ.get("MOLINK_TEST_HOLD_FILE")
+
+
 def _lying(self):
     fields = _honest(self)
     fields["throughput"] = ANNOUNCE
+    if HOLD and not os.path.exists(HOLD):
+        fields["extras"]["engine"] = "held"
     return fields
 
 

@@ -53,20 +53,23 @@ def swarm(tmp_path_factory):
         h = Daemon(["--layers", "0:15", "--bootstrap", boot, "--audit-rate", "1", "--audit-quorum", "1", *KV], tmp,
                    name="head")
         daemons += [v, h]
-        a.wait_ready(timeout=400)
-        # an honest verifier for A's layers (it announces 1 token/s), started once A serves: the
-        # head's first route must go through A (a verifier ready first could win it)
+        # an honest verifier for A's layers (it announces 1 token/s), loading alongside but held
+        # back from the swarm until the head routes through A (a verifier ready first could win it)
+        hold = tmp / "verifier-released"
         w = Daemon(["--layers", "15:30", "--bootstrap", boot, *KV], tmp, name="verifier", module="tests.integration.lying_daemon",
-                   env={"MOLINK_TEST_ANNOUNCE": "1"})
+                   env={"MOLINK_TEST_ANNOUNCE": "1", "MOLINK_TEST_HOLD_FILE": str(hold)})
         daemons.append(w)
         for d in daemons:
             d.wait_ready(timeout=400)
-        aid = a.status()["peer_id"]
+        aid, wid = a.status()["peer_id"], w.status()["peer_id"]
         wait_for(lambda: h.status()["route"], 120, "the head's route")
         assert h.status()["route"][1] == aid, "the head should start routing through stage A"
+        hold.touch()
+        wait_for(lambda: any(p["peer_id"] == wid and (p.get("extras") or {}).get("engine") == "ready"
+                             for p in h.status()["peers"]), 60, "the head to see the verifier ready")
         yield {"head": h, "stage": a, "victim": v, "verifier": w, "boot": boot, "hash": h.status()["model"]["hash"],
                "vid": v.status()["peer_id"], "vaddr": boot_addr(v), "hid": h.status()["peer_id"], "aid": aid,
-               "wid": w.status()["peer_id"], "lie": lie}
+               "wid": wid, "lie": lie}
     finally:
         for d in reversed(daemons):
             d.stop()
@@ -386,13 +389,22 @@ async def test_live_stage_survives_mutated_steps_and_frames(swarm, honest_load):
             await s.close()
         assert refused + computed >= 10, (refused, computed)
         hello = encode_frame(wire.HELLO, session(swarm, r))
-        for damaged in mutate_frames(hello, 80, seed=9):
-            s = await victim_stream(evil, swarm)
-            with contextlib.suppress(Exception):
-                await s.send_raw(damaged)
-                with trio.move_on_after(2):
-                    await s.recv(timeout=2)
-            await s.close()
+        # damaged first frames, 8 streams at a time (a truncated frame makes the daemon wait for
+        # the rest of it: each stream gets 2 s, then is closed)
+        pending = trio.Semaphore(8)
+
+        async def send_damaged(damaged: bytes) -> None:
+            async with pending:
+                s = await victim_stream(evil, swarm)
+                with contextlib.suppress(Exception):
+                    await s.send_raw(damaged)
+                    with trio.move_on_after(2):
+                        await s.recv(timeout=2)
+                await s.close()
+
+        async with trio.open_nursery() as n:
+            for damaged in mutate_frames(hello, 80, seed=9):
+                n.start_soon(send_damaged, damaged)
         # still alive and computing
         s = await victim_stream(evil, swarm)
         await open_session(s, swarm, r)
