@@ -77,7 +77,8 @@ def swarm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def honest_load(swarm):
-    """Greedy requests to the honest head for as long as the module's attacks run."""
+    """Greedy requests to the honest head for as long as the module's attacks run, one a second
+    (each is audited on the verifier: back to back they kept a core busy for the whole module)."""
     stop = threading.Event()
     results: list = []
 
@@ -91,6 +92,7 @@ def honest_load(swarm):
                 results.append(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8)
             except Exception as e:  # noqa: BLE001
                 results.append(f"{type(e).__name__}: {e}")
+            stop.wait(1.0)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
