@@ -84,11 +84,6 @@ def split_ready(ready: list[bool], decoding: list[bool], cap: int) -> list[int]:
     return held
 
 
-def _seeded(r: Any) -> bool:
-    sp = getattr(r, "sampling_params", None)
-    return sp is not None and sp.seed is not None
-
-
 class MicroBatchScheduler(Scheduler):
     """vLLM's scheduler, with steps of at most ``ceil(running / depth)`` decoding requests, where
     ``depth`` is the pipeline depth the head told vLLM (``pipeline_parallel_size``)."""
@@ -117,11 +112,9 @@ class MicroBatchScheduler(Scheduler):
             kept = sum(1 for rd, d in zip(ready, decoding) if rd and d) - len(held_idx)
             # requests decoding (in this step, held, or in flight) pace the prompts' chunks
             paced = pacing.shared.chunk() if any(decoding) else None
-            if not any(_seeded(r) for r in (*to_prefill, *self.waiting)):
-                budget = step_token_budget(budget, kept, prefills, self.depth, paced)
-            # else the whole budget: vLLM on CPU cannot cut a seeded request's prompt (after a
-            # partial prefill it rewinds the request's generator, which only CUDA generators do:
-            # the last stage would fail the step)
+            budget = step_token_budget(budget, kept, prefills, self.depth, paced)
+            # (a seeded request's prompt is cut too: the last stage's vLLM rewinds its generator
+            # after a partial prefill, on CPU with molinkd.engine.vllm_patches.cpu_generator_rewind)
         if not held_idx and budget == self.max_num_scheduled_tokens:
             return super().schedule(throttle_prefills)
         held = [running[i] for i in held_idx]

@@ -23,6 +23,12 @@ PROMPTS = [
 # float32 references: these plus two more, for batches (float32 greedy is batch-invariant on CPU)
 F32_PROMPTS = PROMPTS + ["List three prime numbers:", "Water boils at"]
 MAX_TOKENS = 24
+# seeded sampled requests (temperature 0.7, 20 tokens, ignore_eos): in float32 each gives the same
+# text however it is batched and whichever peers compute it; the first two have prompts long
+# enough that a pipeline head prefills them in chunks (the last stage rewinds their generators)
+SEEDED = [{"prompt": f"Story number {i}:" + (" the river and the city" * 60 if i < 2 else ""), "seed": i}
+          for i in range(4)]
+SEEDED_TOKENS = 20
 CHAT = [[{"role": "user", "content": "What is the capital of France?"}]]
 API_KEY = "test-key-123"
 
@@ -64,9 +70,11 @@ def plain_vllm_outputs(plain_vllm) -> list[str]:
 @pytest.fixture(scope="session")
 def f32_reference_job(model_dir, tmp_path_factory):
     """Single-node vLLM in float32 through the pipeline driver: F32_PROMPTS one at a time ("one"),
-    all at once with ignore_eos ("batch", "batch_tokens"), logprobs of the first prompt."""
+    all at once with ignore_eos ("batch", "batch_tokens"), logprobs of the first prompt, SEEDED
+    sampled all at once ("seeded")."""
     spec = {"model": model_dir, "dtype": "float32", "route": None, "prompts": F32_PROMPTS,
-            "max_tokens": MAX_TOKENS, "batch": True, "logprobs": 3}
+            "max_tokens": MAX_TOKENS, "batch": True, "logprobs": 3,
+            "seeded": SEEDED, "seeded_tokens": SEEDED_TOKENS}
     job = BackgroundJob([sys.executable, str(DRIVER), json.dumps(spec)], tmp_path_factory.mktemp("f32_ref"),
                         "f32_reference")
     yield job

@@ -4,7 +4,8 @@ vLLM's spawned EngineCore needs a main guard).
 usage: python pipeline_driver.py SPEC_JSON   -> prints "RESULT {json}"
 
 SPEC: {"model", "dtype", "route" (null = single node), "prompts", "max_tokens",
-       "one_by_one": bool, "batch": bool (all prompts at once, ignore_eos), "logprobs": int (0 = off), "bench": null | {...}}
+       "one_by_one": bool, "batch": bool (all prompts at once, ignore_eos), "logprobs": int (0 = off),
+       "seeded": [{"prompt", "seed"}] (sampled at temperature 0.7, "seeded_tokens" each), "bench": null | {...}}
 """
 
 import json
@@ -65,6 +66,11 @@ def run(spec: dict) -> dict:
         out["prompt_logprobs"] = [
             None if step is None else sorted(int(t) for t in step) for step in r.prompt_logprobs
         ]
+    if spec.get("seeded"):
+        params = [SamplingParams(temperature=0.7, seed=j["seed"], max_tokens=spec["seeded_tokens"], ignore_eos=True)
+                  for j in spec["seeded"]]
+        res = llm.generate([j["prompt"] for j in spec["seeded"]], params, use_tqdm=False)
+        out["seeded"] = [r.outputs[0].text for r in res]
     bench = spec.get("bench")
     if bench:
         out["bench"] = {}
