@@ -19,13 +19,13 @@ from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-DURATION = float(os.environ.get("MOLINK_SOAK_SECONDS", "30"))
+DURATION = float(os.environ.get("MOLINK_SOAK_SECONDS", "20"))
 
 
 @pytest.mark.timeout(1200)
 def test_short_churn_loses_nothing(capsys):
-    cmd = [sys.executable, str(REPO / "benchmarks/soak.py"), "--duration", str(DURATION), "--fault-every", "10", "--min-faults", "2",
-           "--stop-seconds", "8", "--heads", "1", "--stages", "2", "--clients", "3", "--max-tokens", "24",
+    cmd = [sys.executable, str(REPO / "benchmarks/soak.py"), "--duration", str(DURATION), "--fault-every", "6", "--min-faults", "2",
+           "--stop-seconds", "6", "--heads", "1", "--stages", "2", "--clients", "3", "--max-tokens", "24",
            "--announce-period", "1", "--kv-cache-gib", "0.25", "--seed", "3", "--json"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1100)
     assert p.returncode == 0, p.stderr[-4000:]
