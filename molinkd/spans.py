@@ -161,6 +161,30 @@ def even_split(num_layers: int, parts: int) -> list[Span]:
     return out
 
 
+def balanced_split(spans: Sequence[tuple[int, int]], step_ms: Sequence[float]) -> list[Span]:
+    """Spans with the same layers and stages, sized so that the stages' measured step times
+    would be equal: each stage's cost per layer is taken from its measured step (``step_ms[i]``
+    over its span's layers; this charges a stage's extra work, the head's scheduling and API or
+    the last stage's logits, to its layers), and the layers are dealt out to minimise the
+    slowest stage. Every stage keeps at least one layer."""
+    if len(spans) != len(step_ms) or not spans:
+        raise SpanError("one measured step time per span is needed")
+    check_chain([Span(s, e) for s, e in spans], spans[-1][1])
+    if any(not (t > 0 and math.isfinite(t)) for t in step_ms):
+        raise SpanError(f"step times must be positive: {list(step_ms)}")
+    per_layer = [t / (e - s) for (s, e), t in zip(spans, step_ms)]
+    num_layers, n = spans[-1][1], len(spans)
+    sizes = [1] * n
+    for _ in range(num_layers - n):  # each next layer to the stage that stays fastest with it
+        i = min(range(n), key=lambda j: ((sizes[j] + 1) * per_layer[j], j))
+        sizes[i] += 1
+    out, pos = [], 0
+    for size in sizes:
+        out.append(Span(pos, pos + size))
+        pos += size
+    return out
+
+
 # --- automatic span choice (Petals' block_selection, adapted) -------------------------------
 
 

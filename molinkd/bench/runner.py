@@ -228,6 +228,7 @@ async def run_swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, co
         plain = Setup(f"swarm {o.stages}x" + (" 0 ms" if o.linked else ""))
         await _measure(client, head, o, plain)
         plain.info = await _pipeline_info(client, head)
+        plain.info["spans"] = spans_for(num_layers, o)
         out = [plain]
         if o.linked:
             bytes_before = [lk.bytes_forwarded for lk in links]
@@ -289,8 +290,27 @@ def report(o: BenchOptions, base: Setup | None, swarm: list[Setup]) -> dict:
         "round_trip_ms": main.info.get("round_trip_ms"), "stage_ms": main.info.get("stage_ms"),
         "nodelay_round_trip_ms": plain.info.get("round_trip_ms"),
         "link_rtt_ms_seen": main.info.get("link_rtt_ms_seen"), "rows": rows,
+        "spans": _spans_text(plain.info.get("spans")),
+        "suggested_spans": suggested_spans(plain.info.get("spans"), plain.info.get("stage_ms")),
     })
     return out
+
+
+def suggested_spans(spans: list[tuple[int, int]] | None, stage_ms: list | None) -> str | None:
+    """Spans that would even out the stage step times measured without delay (at the last batch
+    size), as ``--spans`` takes them; None if a stage's time is missing."""
+    from molinkd.spans import SpanError, balanced_split
+
+    if not spans or not stage_ms or len(stage_ms) != len(spans):
+        return None
+    try:
+        return _spans_text([(x.start, x.end) for x in balanced_split(spans, [float(t or 0) for t in stage_ms])])
+    except SpanError:
+        return None
+
+
+def _spans_text(spans: list[tuple[int, int]] | None) -> str | None:
+    return ",".join(f"{s}:{e}" for s, e in spans) if spans else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -318,6 +338,9 @@ def render_table(res: dict) -> str:
     lines.append(f"cores per peer {res['cores_per_peer']}, {res['max_tokens']} new tokens, ~{res['prompt_len']}-token "
                  f"prompts, pipeline depth {res['inflight_batches']} (max in flight seen {res['inflight_max']})"
                  + (f", link RTT seen {res['link_rtt_ms_seen']} ms" if res.get("link_rtt_ms_seen") else ""))
+    if res.get("suggested_spans") and res["suggested_spans"] != res.get("spans"):
+        lines.append(f"stage steps {res.get('stage_ms')} ms with spans {res['spans']}: --spans {res['suggested_spans']} "
+                     "would even them out")
     return "\n".join(lines)
 
 

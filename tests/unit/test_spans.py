@@ -124,3 +124,25 @@ def test_rebalance():
     assert should_rebalance(table, L, "me") == Span(15, 30)
     balanced = [ServedSpan("a", 0, 15, 50.0), ServedSpan("me", 15, 30, 50.0)]
     assert should_rebalance(balanced, L, "me") is None
+
+
+def test_balanced_split_evens_out_measured_step_times():
+    from molinkd.spans import balanced_split
+
+    # the head measured slower per layer (it also schedules and serves the API): it gets fewer
+    assert [(x.start, x.end) for x in balanced_split([(0, 15), (15, 30)], [28.3, 21.8])] == [(0, 13), (13, 30)]
+    assert [(x.start, x.end) for x in balanced_split([(0, 15), (15, 30)], [20.0, 20.0])] == [(0, 15), (15, 30)]
+    three = balanced_split([(0, 10), (10, 20), (20, 30)], [10.0, 10.0, 20.0])
+    assert [(x.start, x.end) for x in three] == [(0, 12), (12, 24), (24, 30)]
+    # the slowest stage of the result is no slower than any other split's slowest stage
+    per_layer = [1.0, 1.0, 2.0]
+    best = max(x.length * c for x, c in zip(three, per_layer))
+    assert all(max(a * 1.0, b * 1.0, (30 - a - b) * 2.0) >= best for a in range(1, 29) for b in range(1, 30 - a))
+    # every stage keeps a layer, however slow it measured
+    assert [x.length for x in balanced_split([(0, 1), (1, 4)], [1000.0, 1.0])] == [1, 3]
+    with pytest.raises(SpanError):
+        balanced_split([(0, 15), (15, 30)], [20.0])
+    with pytest.raises(SpanError):
+        balanced_split([(0, 15), (15, 30)], [20.0, 0.0])
+    with pytest.raises(SpanError):
+        balanced_split([(0, 15), (16, 30)], [20.0, 20.0])
