@@ -113,6 +113,10 @@ def test_molink_bench_end_to_end_json_last_line():
     assert res["stages"] == 2 and res["batch"] == 1 and res["rtt_ms"] == 20
     assert res["baseline_tok_s"] > 0 and res["swarm_tok_s"] > 0 and res["swarm_nodelay_tok_s"] > 0
     assert res["inflight_batches"] >= 2
+    assert res["spans"] == "0:15,15:30"
+    if res["suggested_spans"]:  # (only when the head had both stages' step times to report)
+        spans = [tuple(map(int, x.split(":"))) for x in res["suggested_spans"].split(",")]
+        assert len(spans) == 2 and spans[0][0] == 0 and spans[0][1] == spans[1][0] and spans[1][1] == 30, spans
     # the stages saw each other through the link (the bench checks >= 80% of the RTT asked)
     assert res["link_rtt_ms_seen"] and min(res["link_rtt_ms_seen"]) >= 16
     # a delayed step cannot be faster than the link's round trip
