@@ -288,7 +288,7 @@ def report(o: BenchOptions, base: Setup | None, swarm: list[Setup]) -> dict:
         "max_tokens": o.max_tokens, "prompt_len": o.prompt_len, "batches": list(o.batches), "long_prompt": o.long_prompt,
         "inflight_batches": main.info.get("inflight_batches"), "inflight_max": main.info.get("inflight_max"),
         "round_trip_ms": main.info.get("round_trip_ms"), "stage_ms": main.info.get("stage_ms"),
-        "nodelay_round_trip_ms": plain.info.get("round_trip_ms"),
+        "nodelay_round_trip_ms": plain.info.get("round_trip_ms"), "nodelay_stage_ms": plain.info.get("stage_ms"),
         "link_rtt_ms_seen": main.info.get("link_rtt_ms_seen"), "rows": rows,
         "spans": _spans_text(plain.info.get("spans")),
         "suggested_spans": suggested_spans(plain.info.get("spans"), plain.info.get("stage_ms")),
@@ -339,8 +339,8 @@ def render_table(res: dict) -> str:
                  f"prompts, pipeline depth {res['inflight_batches']} (max in flight seen {res['inflight_max']})"
                  + (f", link RTT seen {res['link_rtt_ms_seen']} ms" if res.get("link_rtt_ms_seen") else ""))
     if res.get("suggested_spans") and res["suggested_spans"] != res.get("spans"):
-        lines.append(f"stage steps {res.get('stage_ms')} ms with spans {res['spans']}: --spans {res['suggested_spans']} "
-                     "would even them out")
+        lines.append(f"stage steps {res.get('nodelay_stage_ms')} ms with spans {res['spans']} (no delay): "
+                     f"--spans {res['suggested_spans']} would even them out")
     return "\n".join(lines)
 
 

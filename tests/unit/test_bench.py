@@ -152,7 +152,8 @@ def test_report_has_the_json_fields_and_ratios():
     plain.info.update(spans=[(0, 15), (15, 30)], stage_ms=[28.3, 21.8])
     res = report(o, base, [plain, delayed])
     assert res["spans"] == "0:15,15:30" and res["suggested_spans"] == "0:13,13:30"
-    assert "--spans 0:13,13:30 would even them out" in render_table(res)
+    assert "stage steps [28.3, 21.8] ms with spans 0:15,15:30 (no delay): --spans 0:13,13:30 would even them out" \
+        in render_table(res)
     # without a link: no delayed column, the swarm figures are the plain ones
     res2 = report(BenchOptions(batches=(16,)), base, [plain])
     assert res2["swarm_tok_s"] == res2["swarm_nodelay_tok_s"] == 160.0 and res2["rows"][0]["delay_vs_nodelay"] is None
