@@ -219,11 +219,9 @@ async def swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores:
 
 
 async def run_swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores: list[list[int]],
-                    num_layers: int, baseline: DaemonProc | None = None) -> tuple[Setup | None, list[Setup]]:
-    """Measure the baseline (loaded alongside the swarm, measured while the swarm idles), then
-    the swarm at 0 ms, then (with a link) with the asked delay and rate."""
+                    num_layers: int) -> list[Setup]:
+    """Measure the swarm at 0 ms, then (with a link) with the asked delay and rate."""
     async with swarm(client, procs, o, cores, num_layers) as (peers, links):
-        base = None if baseline is None else await run_baseline(client, procs, o, baseline)
         head = peers[0]
         plain = Setup(f"swarm {o.stages}x" + (" 0 ms" if o.linked else ""))
         await _measure(client, head, o, plain)
@@ -244,7 +242,7 @@ async def run_swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, co
                 raise BenchError("no bytes crossed an emulated link during the measurement: "
                                  "the stages talk to each other some other way")
             out.append(delayed)
-        return base, out
+        return out
 
 
 async def _pipeline_info(client: httpx.AsyncClient, head: DaemonProc) -> dict:
@@ -370,10 +368,12 @@ async def _bench(o: BenchOptions, workdir: Path) -> dict:
         await top.start(on_signals)  # before the first daemon starts
         try:
             async with httpx.AsyncClient() as client:
-                # everything loads at once; each setup is measured while the others idle
-                # (the baseline on the last stage's cores: a stage loads faster than a head)
-                single = None if o.skip_baseline else start_baseline(procs, o, cores[-1])
-                base, measured = await run_swarm(client, procs, o, cores, model.num_layers, single)
+                # the baseline first, alone (loading it alongside the swarm hung a run once under
+                # heavy load: the swarm never became ready), then the swarm
+                base = None
+                if not o.skip_baseline:
+                    base = await run_baseline(client, procs, o, start_baseline(procs, o, cores[0]))
+                measured = await run_swarm(client, procs, o, cores, model.num_layers)
         finally:
             procs.stop_all()
         top.cancel_scope.cancel()
