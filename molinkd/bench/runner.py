@@ -31,7 +31,14 @@ from molinkd.bench.load import BatchResult, LoadError, run_batch
 from molinkd.bench.procs import BenchError, DaemonProc, Procs, get_status, plan_cores, wait_status
 from molinkd.bench.wanlink import WanLink
 
-READY_TIMEOUT = 900.0
+READY_TIMEOUT = 900.0  # seconds a daemon may take to serve; $MOLINK_BENCH_READY_TIMEOUT (tests)
+
+
+def ready_timeout() -> float:
+    from molinkd.config import number_from_env
+
+    return float(number_from_env("MOLINK_BENCH_READY_TIMEOUT", float, 1.0, READY_TIMEOUT,
+                                 "seconds >= 1 (how long a daemon may take to serve)"))
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ async def run_baseline(client: httpx.AsyncClient, procs: Procs, o: BenchOptions,
     setup = Setup("single node")
     try:
         await wait_status(client, d, lambda st: (st.get("engine") or {}).get("state") == "ready",
-                          "ready engine", READY_TIMEOUT)
+                          "ready engine", ready_timeout())
         await _measure(client, d, o, setup)
     finally:
         procs.stop(d)
@@ -206,9 +213,9 @@ async def swarm(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores:
                      + (f" behind link :{links[i - 1].port}" if i > 0 and o.linked else ""))
             _say("loading the swarm...")
             for d in peers[1:]:
-                await wait_status(client, d, lambda st: bool(st.get("ready")), "ready stage", READY_TIMEOUT)
+                await wait_status(client, d, lambda st: bool(st.get("ready")), "ready stage", ready_timeout())
             await wait_status(client, peers[0], lambda st: (st.get("engine") or {}).get("state") == "ready",
-                              "ready pipeline engine", READY_TIMEOUT)
+                              "ready pipeline engine", ready_timeout())
             yield peers, links
         finally:
             # the links keep forwarding while the daemons stop: a stage drains until it sees its
@@ -386,7 +393,8 @@ def run(o: BenchOptions, *, as_json: bool = False) -> int:
 
     try:
         o.validate()
-    except BenchError as e:
+        ready_timeout()
+    except (BenchError, ValueError) as e:
         sys.stderr.write(f"molink bench: {e}\n")
         return 2
     with tempfile.TemporaryDirectory(prefix="molink-bench-") as tmp:
