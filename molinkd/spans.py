@@ -153,9 +153,13 @@ def even_split(num_layers: int, parts: int) -> list[Span]:
     if not 1 <= parts <= num_layers:
         raise SpanError(f"cannot split {num_layers} layers into {parts} parts")
     base, extra = divmod(num_layers, parts)
+    return _tile([base + (1 if i < extra else 0) for i in range(parts)])
+
+
+def _tile(sizes: Sequence[int]) -> list[Span]:
+    """Contiguous spans from layer 0 with these sizes."""
     out, pos = [], 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
+    for size in sizes:
         out.append(Span(pos, pos + size))
         pos += size
     return out
@@ -178,11 +182,7 @@ def balanced_split(spans: Sequence[tuple[int, int]], step_ms: Sequence[float]) -
     for _ in range(num_layers - n):  # each next layer to the stage that stays fastest with it
         i = min(range(n), key=lambda j: ((sizes[j] + 1) * per_layer[j], j))
         sizes[i] += 1
-    out, pos = [], 0
-    for size in sizes:
-        out.append(Span(pos, pos + size))
-        pos += size
-    return out
+    return _tile(sizes)
 
 
 # --- automatic span choice (Petals' block_selection, adapted) -------------------------------

@@ -128,15 +128,11 @@ async def _measure(client: httpx.AsyncClient, d: DaemonProc, o: BenchOptions, se
                  f"undisturbed), its ttft {row.get('long_ttft_ms')} ms")
 
 
-def start_baseline(procs: Procs, o: BenchOptions, cores: list[int]) -> DaemonProc:
-    _say(f"single node on cores {cores}: loading...")
-    return procs.start_daemon("single", ["--layers", "all", *_common_args(o)], cores)
-
-
-async def run_baseline(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, d: DaemonProc) -> Setup:
-    """Measure the single node started by :func:`start_baseline`, then stop it."""
+async def run_baseline(client: httpx.AsyncClient, procs: Procs, o: BenchOptions, cores: list[int]) -> Setup:
     setup = Setup("single node")
+    d = procs.start_daemon("single", ["--layers", "all", *_common_args(o)], cores)
     try:
+        _say(f"single node on cores {cores}: loading...")
         await wait_status(client, d, lambda st: (st.get("engine") or {}).get("state") == "ready",
                           "ready engine", ready_timeout())
         await _measure(client, d, o, setup)
@@ -377,9 +373,7 @@ async def _bench(o: BenchOptions, workdir: Path) -> dict:
             async with httpx.AsyncClient() as client:
                 # the baseline first, alone (loading it alongside the swarm hung a run once under
                 # heavy load: the swarm never became ready), then the swarm
-                base = None
-                if not o.skip_baseline:
-                    base = await run_baseline(client, procs, o, start_baseline(procs, o, cores[0]))
+                base = None if o.skip_baseline else await run_baseline(client, procs, o, cores[0])
                 measured = await run_swarm(client, procs, o, cores, model.num_layers)
         finally:
             procs.stop_all()

@@ -105,8 +105,8 @@ class MicroBatchScheduler(Scheduler):
         held_idx = split_ready(ready, decoding, cap)
         budget = self.max_num_scheduled_tokens
         if self._chunking:
-            to_prefill = [r for r, rd, d in zip(running, ready, decoding) if rd and not d]
-            prefills = [(r.num_prompt_tokens, r.num_prompt_tokens - r.num_computed_tokens) for r in to_prefill]
+            prefills = [(r.num_prompt_tokens, r.num_prompt_tokens - r.num_computed_tokens)
+                        for r, rd, d in zip(running, ready, decoding) if rd and not d]
             # waiting requests include preempted ones, which recompute their outputs too
             prefills += [(r.num_tokens, r.num_tokens - r.num_computed_tokens) for r in self.waiting]
             kept = sum(1 for rd, d in zip(ready, decoding) if rd and d) - len(held_idx)
